@@ -114,7 +114,7 @@ pub use message::{Command, Event, Message, MessageKind, MessageType, Query};
 // The derive macros, beside the traits of the same name: `use cqrs_core::Command;` brings both.
 #[cfg(feature = "derive")]
 pub use cqrs_macros::{Command, Event, Query};
-pub use metadata::{Metadata, Principal};
+pub use metadata::{Headers, Metadata, Principal};
 pub use panic::{CatchUnwind, panic_message};
 pub use plugin::{
     MissingResource, Plugin, PluginError, PluginRegistrar, Plugins, UntakenContribution,

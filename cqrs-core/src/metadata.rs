@@ -64,7 +64,7 @@ fn message_id_at(now: std::time::SystemTime) -> Uuid {
 /// assert_eq!(caused.causation_id, Some(request.message_id));
 /// assert_ne!(caused.message_id, request.message_id);
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 #[non_exhaustive]
 pub struct Metadata {
     /// This message's id (UUID v7).
@@ -84,7 +84,26 @@ pub struct Metadata {
     pub trace_context: BTreeMap<String, String>,
     /// The application's own fields ([`with_header`](Self::with_header)), stored and sent
     /// with the message like `actor`, and passed on to the messages it causes.
-    pub headers: BTreeMap<String, String>,
+    pub headers: Headers,
+}
+
+impl Clone for Metadata {
+    /// Written out to be inlined where it is called: a caller clones metadata per dispatch
+    /// (a gateway per request), and a derived clone, grown past the inliner's budget with
+    /// `headers`, became a call of its own (about 35 instructions a bare dispatch).
+    #[inline(always)]
+    fn clone(&self) -> Self {
+        Self {
+            message_id: self.message_id,
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+            timestamp: self.timestamp,
+            principal: self.principal.clone(),
+            actor: self.actor.clone(),
+            trace_context: self.trace_context.clone(),
+            headers: self.headers.clone(),
+        }
+    }
 }
 
 impl Metadata {
@@ -112,7 +131,7 @@ impl Metadata {
             principal: None,
             actor: None,
             trace_context: BTreeMap::new(),
-            headers: BTreeMap::new(),
+            headers: Headers::new(),
         }
     }
 
@@ -204,10 +223,10 @@ impl Metadata {
     ///
     /// let request = Metadata::new().with_header("tenant", "acme");
     /// let caused = request.caused();
-    /// assert_eq!(caused.headers.get("tenant").map(String::as_str), Some("acme"));
+    /// assert_eq!(caused.headers.get("tenant"), Some("acme"));
     /// ```
     pub fn with_header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.insert(key.into(), value.into());
+        self.headers.insert(key, value);
         self
     }
 
@@ -220,6 +239,118 @@ impl Metadata {
 impl Default for Metadata {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// A message's own fields, set by the application ([`Metadata::with_header`]): a map from
+/// text to text, ordered by key, that serializes as a JSON object.
+///
+/// Without any (the common case) it holds no map: a message's metadata is cloned and dropped
+/// on every dispatch, and an empty map of its own would cost each of them (about 150
+/// instructions a bare dispatch, measured when it was a `BTreeMap`).
+///
+/// ```
+/// use cqrs_core::Headers;
+///
+/// let mut headers = Headers::new();
+/// assert!(headers.is_empty());
+/// headers.insert("tenant", "acme");
+/// assert_eq!(headers.get("tenant"), Some("acme"));
+/// assert_eq!(headers.iter().collect::<Vec<_>>(), [("tenant", "acme")]);
+/// ```
+#[derive(Default, PartialEq, Eq)]
+// Boxed: one pointer, not a map's three words, in metadata moved on every dispatch.
+#[allow(clippy::box_collection)]
+pub struct Headers(Option<Box<BTreeMap<String, String>>>);
+
+impl Clone for Headers {
+    /// A test of the pointer when there are none; the map's clone out of line, so the
+    /// metadata's own clone stays small enough to be inlined on a dispatch's path (a derived
+    /// one, with the map's clone inlined in it, cost a bare dispatch about 35 instructions).
+    #[inline]
+    fn clone(&self) -> Self {
+        #[inline(never)]
+        #[allow(clippy::box_collection)]
+        fn clone_map(map: &BTreeMap<String, String>) -> Box<BTreeMap<String, String>> {
+            Box::new(map.clone())
+        }
+        Headers(self.0.as_deref().map(clone_map))
+    }
+}
+
+impl Headers {
+    /// No headers.
+    pub const fn new() -> Self {
+        Self(None)
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.as_ref()?.get(key).map(String::as_str)
+    }
+
+    /// Sets `key` to `value`, returning the value it had.
+    pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) -> Option<String> {
+        self.0
+            .get_or_insert_with(Default::default)
+            .insert(key.into(), value.into())
+    }
+
+    /// Removes `key`, returning its value.
+    pub fn remove(&mut self, key: &str) -> Option<String> {
+        let map = self.0.as_mut()?;
+        let removed = map.remove(key);
+        if map.is_empty() {
+            self.0 = None;
+        }
+        removed
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|map| map.is_empty())
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |map| map.len())
+    }
+
+    /// Each key and value, ordered by key.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0
+            .iter()
+            .flat_map(|map| map.iter())
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+impl fmt::Debug for Headers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(pairs: I) -> Self {
+        let mut headers = Headers::new();
+        for (key, value) in pairs {
+            headers.insert(key, value);
+        }
+        headers
+    }
+}
+
+impl serde::Serialize for Headers {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Headers {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let map = BTreeMap::<String, String>::deserialize(deserializer)?;
+        Ok(Headers((!map.is_empty()).then(|| Box::new(map))))
     }
 }
 
@@ -236,17 +367,21 @@ impl Default for Metadata {
 /// assert!(principal.downcast_ref::<String>().is_none());
 /// ```
 #[derive(Clone)]
-pub struct Principal(Arc<dyn Any + Send + Sync>);
+pub struct Principal(Arc<Box<dyn Any + Send + Sync>>);
 
 impl Principal {
     /// Wraps a value.
     pub fn new<T: Any + Send + Sync>(value: T) -> Self {
-        Self(Arc::new(value))
+        // A thin pointer (8 bytes, not a trait object's 16) keeps `Metadata` within the 128
+        // bytes the compiler moves inline: past them every move of the metadata on a
+        // dispatch's path became a `memcpy` call (about 100 instructions a bare dispatch,
+        // callgrind). A principal is made once per request; the second allocation is its.
+        Self(Arc::new(Box::new(value)))
     }
 
     /// The value, if it is a `T`.
     pub fn downcast_ref<T: Any>(&self) -> Option<&T> {
-        self.0.downcast_ref::<T>()
+        (**self.0).downcast_ref::<T>()
     }
 }
 
@@ -259,6 +394,40 @@ impl fmt::Debug for Principal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The metadata is moved several times on every dispatch's path; past 128 bytes the
+    /// compiler moves it with `memcpy` calls instead of inline, which cost a bare dispatch
+    /// about 100 instructions (callgrind) when a field took it to 136. A field added here must
+    /// keep it within them (box what is rarely set, as `Headers` does).
+    /// Headers with none are one value however they came to be empty, and serialize as a
+    /// JSON object either way.
+    #[test]
+    fn headers_without_any_are_equal_however_they_got_there() {
+        let mut emptied = Headers::new();
+        emptied.insert("tenant", "acme");
+        assert_eq!(emptied.remove("tenant").as_deref(), Some("acme"));
+        let parsed: Headers = serde_json::from_str("{}").unwrap();
+        assert_eq!(emptied, Headers::new());
+        assert_eq!(parsed, Headers::new());
+        assert_eq!(serde_json::to_string(&emptied).unwrap(), "{}");
+        let two: Headers = [("b", "2"), ("a", "1")].into_iter().collect();
+        assert_eq!(serde_json::to_string(&two).unwrap(), r#"{"a":"1","b":"2"}"#);
+        assert_eq!(
+            serde_json::from_str::<Headers>(r#"{"a":"1","b":"2"}"#).unwrap(),
+            two
+        );
+        assert_eq!(format!("{two:?}"), r#"{"a": "1", "b": "2"}"#);
+        assert_eq!(two.clone(), two);
+    }
+
+    #[test]
+    fn metadata_stays_within_what_is_moved_inline() {
+        assert!(
+            std::mem::size_of::<Metadata>() <= 128,
+            "Metadata is {} bytes",
+            std::mem::size_of::<Metadata>()
+        );
+    }
     use std::collections::HashSet;
 
     /// Ids are version 7, stamped with the time they were made, increase on one thread (also

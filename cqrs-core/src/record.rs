@@ -1,6 +1,6 @@
 //! The serialized form of an event: what stores keep and transports carry.
 
-use crate::{EventEnvelope, Metadata};
+use crate::{EventEnvelope, Headers, Metadata};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -89,8 +89,8 @@ pub struct RecordMetadata {
     /// The application's own fields ([`Metadata::with_header`]). Absent from records written
     /// before they existed, and from those without any; a build that does not know them
     /// reads such records and passes them over.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Headers::is_empty")]
+    pub headers: Headers,
 }
 
 /// One event in serialized form.

@@ -41,7 +41,9 @@ fn unstorable(events: &[EventRecord]) -> Option<String> {
             || m.actor.as_deref().is_some_and(|a| a.contains(NUL))
             || m.trace_context
                 .iter()
-                .chain(&m.headers)
+                .any(|(k, v)| k.contains(NUL) || v.contains(NUL))
+            || m.headers
+                .iter()
                 .any(|(k, v)| k.contains(NUL) || v.contains(NUL))
             || crate::ports::holds_nul(&event.payload);
         text_with_nul.then(|| format!("event {id} holds U+0000, which Postgres cannot store"))

@@ -220,7 +220,7 @@ fn execute_retrying_decides_again_on_what_the_winner_did() {
             Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
         );
         assert_eq!(
-            ours.headers.get("tenant").map(String::as_str),
+            ours.headers.get("tenant"),
             Some("acme"),
             "the command's headers pass on to its events"
         );
