@@ -181,6 +181,31 @@ impl PgDatabase {
         Ok(Self::new(pool, schema, target, None))
     }
 
+    /// The same pool over the tables of another schema, with this handle's settings (clock,
+    /// waits, answer timeout): for a server that keeps each tenant in a schema of its own,
+    /// one pool for them all. Fails when the schema name is invalid.
+    ///
+    /// Each schema is a store of its own: [`migrate`](Self::migrate) it, and run its own
+    /// outbox relay ([`PgOutboxRelay`](crate::PgOutboxRelay)), whose `LISTEN` holds a
+    /// connection of the pool per schema. Positions, checkpoints and idempotency keys are the
+    /// schema's own.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), cqrs_postgres::PgError> {
+    /// let db = cqrs_postgres::PgOptions::from_env().connect().await?;
+    /// let acme = db.with_schema("tenant_acme")?;
+    /// acme.migrate().await?;
+    /// let events = acme.event_store();
+    /// # Ok(()) }
+    /// ```
+    pub fn with_schema(&self, schema: &str) -> Result<Self, PgError> {
+        crate::sql::valid_schema(schema).map_err(|p| PgError::InvalidOptions(vec![p]))?;
+        Ok(Self {
+            sql: Arc::new(Sql::new(schema)),
+            ..self.clone()
+        })
+    }
+
     /// Uses `clock` for idempotency expiry (tests pass a
     /// [`ManualClock`](cqrs_core::clock::ManualClock)). Default: the system clock.
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {

@@ -542,3 +542,52 @@ crate::support::pg_test! {
             .expect("the schema is current once the other session is done");
     }
 }
+
+/// `with_schema` makes a handle over the same pool and another schema: the schema's own
+/// store, and an invalid name refused as `from_pool` refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_schema_shares_the_pool_and_keeps_the_stores_apart() {
+    if !postgres_available().await {
+        return;
+    }
+    cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
+        let first = options(&cqrs_core::testing::test_id("tenant_a"))
+            .max_connections(3)
+            .connect()
+            .await
+            .unwrap();
+        let b = cqrs_core::testing::test_id("tenant_b");
+        let second = first.with_schema(&b).unwrap();
+        assert_eq!(second.schema(), b);
+        first.migrate().await.unwrap();
+        second.migrate().await.unwrap();
+        first
+            .event_store()
+            .append("s", ExpectedVersion::NO_STREAM, vec![record(1)])
+            .await
+            .unwrap();
+        assert!(
+            second
+                .event_store()
+                .read_all(Position::START, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "the other schema's store holds none of it"
+        );
+        second
+            .event_store()
+            .append("s", ExpectedVersion::NO_STREAM, vec![record(2)])
+            .await
+            .expect("the same stream in another schema is another stream");
+        let refused = first.with_schema("no\"quotes").unwrap_err();
+        assert!(refused.to_string().contains("schema"), "{refused}");
+
+        first.drop_schema().await.unwrap();
+        second.drop_schema().await.unwrap();
+        // One pool: closed through the first handle, the second has no connection left.
+        first.pool().close().await;
+        assert!(second.pool().is_closed());
+    })
+    .await;
+}
