@@ -996,7 +996,10 @@ impl<A: Aggregate> AggregateRepository<A> {
     ///
     /// `prepare`'s error (the service refused, or failed) ends the call as
     /// [`AggregateError::Rejected`], nothing appended and no retry: it is the aggregate's
-    /// error type, into which a service's error converts with `?`. The future `prepare`
+    /// error type, into which a service's error converts with `?`. A service that is away
+    /// comes back as `Rejected` too, holding what `prepare` returned: with `HandlerError` as
+    /// the aggregate's error, its kind (`Unavailable`) tells an outage from a refusal, and
+    /// survives the conversion into the handler's error. The future `prepare`
     /// returns owns what it needs: take what it reads of the loaded state before its `async`
     /// block.
     ///
@@ -1018,7 +1021,7 @@ impl<A: Aggregate> AggregateRepository<A> {
     /// let repo = AggregateRepository::<Ticket>::new(Arc::new(InMemoryEventStore::new()));
     /// let metadata = Metadata::new().with_actor("user-1");
     /// let committed = repo
-    ///     .execute_retrying_with(
+    ///     .execute_retrying_prepared(
     ///         "t-1",
     ///         |_loaded| {
     ///             let actor = metadata.actor.clone();
@@ -1035,7 +1038,7 @@ impl<A: Aggregate> AggregateRepository<A> {
     /// # Ok::<_, Box<dyn std::error::Error>>(())
     /// # }).unwrap();
     /// ```
-    pub async fn execute_retrying_with<F, Fut>(
+    pub async fn execute_retrying_prepared<F, Fut>(
         &self,
         id: &str,
         prepare: F,

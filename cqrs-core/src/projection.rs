@@ -497,8 +497,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// `apply` would stop the projection for good while it looked healthy. The batch's outcome
     /// replaces the report when it ends. Batches that keep failing, none succeeding for this
     /// long, are reported unhealthy too (a store-fed runner retries an event whose `apply`
-    /// fails or times out every time for ever, unless [`skip_after`](Self::skip_after)
-    /// says otherwise: it has no dead letters).
+    /// fails or times out every time for ever, unless it fails and
+    /// [`skip_after`](Self::skip_after) says otherwise: it has no dead letters).
     pub fn stall_after(mut self, after: Duration) -> Self {
         self.stall_after = after.max(Duration::from_millis(1));
         self
@@ -513,13 +513,17 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// that waits for a newer build), and a refusal of [`apply`](Projection::apply) (or a
     /// panic in it, or in its effects at commit) whose kind is not retryable. A read model
     /// that is away, busy or slow (`Unavailable`, `RateLimited`, `Timeout`, the runner's own
-    /// `apply_timeout` among them) is waited for, whatever this says. A step that succeeds, or
-    /// fails on another event, starts the count again.
+    /// `apply_timeout` among them) is waited for, whatever this says: were a slow read model
+    /// to time out on every event, each would be skipped in turn. A step that succeeds, or
+    /// fails on another event, starts the count again. The count is this runner's: with
+    /// several instances taking turns at the projection, each counts its own steps.
     ///
     /// A skipped event is marked processed and the checkpoint moved past it, in a unit of its
     /// own (unless the checkpoint moved meanwhile: another instance or a rebuild went on). It
     /// is logged at `error` with its id, type, position and the last failure, and counted in
-    /// `cqrs_projection_skipped_total{projection, event_type}`: alert on it. The event stays in
+    /// `cqrs_projection_skipped_total{projection, event_type, reason}` (`reason`: `decode` or
+    /// `apply`): alert on it. The step that skips returns `Ok(0)` from
+    /// [`run_once`](Self::run_once). The event stays in
     /// the event store. Fed by a transport this changes nothing: the consumer dead-letters an
     /// event after its `max_deliveries` instead. A rebuild skips nothing: it fails on the
     /// event.
@@ -760,16 +764,25 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             .events
             .as_ref()
             .ok_or_else(|| ProjectionError::NoEventStore(self.name.clone()))?;
-        let (mut unit, after) = self.begin_at_checkpoint().await?;
-        let next = events.read_all(after, 1).await?;
+        // Read before the unit is opened, as a batch is: a Postgres unit holds a pooled
+        // connection, and reading while holding it would take a second one.
+        let Some(seen) = *self.lock_read_from() else {
+            return Ok(false);
+        };
+        let next = events.read_all(seen, 1).await?;
         let Some((record, position)) = next
             .first()
             .filter(|r| r.event_id == event_id)
             .and_then(|r| Some((r, r.position?)))
         else {
-            drop(unit);
             return Ok(false);
         };
+        let (mut unit, after) = self.begin_at_checkpoint().await?;
+        if after != seen {
+            // Another instance, or a rebuild, moved the checkpoint meanwhile.
+            drop(unit);
+            return Ok(false);
+        }
         self.store
             .mark_processed(&mut unit, &self.name, event_id)
             .await?;
@@ -787,10 +800,15 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             error = %last,
             "skipped an event the projection failed on this many steps in a row (skip_after); the read model misses it until a rebuild (the event stays in the store)"
         );
+        let reason = match last {
+            ProjectionError::Decode { .. } => "decode",
+            _ => "apply",
+        };
         metrics::counter!(
             "cqrs_projection_skipped_total",
             "projection" => self.name.clone(),
-            "event_type" => DEAD_LETTER_TYPE_LABELS.label(&record.event_type)
+            "event_type" => DEAD_LETTER_TYPE_LABELS.label(&record.event_type),
+            "reason" => reason
         )
         .increment(1);
         Ok(true)

@@ -992,6 +992,33 @@ mod tests {
     use super::MIGRATIONS;
     use crate::test_support::migrated_schema;
 
+    /// `with_schema` keeps the handle's settings, which a handle made `from_pool` would reset.
+    #[tokio::test]
+    async fn with_schema_keeps_the_handles_settings() {
+        use std::sync::Arc;
+        use std::time::Duration;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://postgres@127.0.0.1:5432/test")
+            .unwrap();
+        let clock: Arc<dyn cqrs_core::clock::Clock> =
+            Arc::new(cqrs_core::clock::ManualClock::new());
+        let first = super::PgDatabase::from_pool(pool, "tenant_a")
+            .unwrap()
+            .with_clock(clock.clone())
+            .with_health_wait(Duration::from_millis(123))
+            .with_answer_timeout(Duration::from_millis(4_567))
+            .with_claim_wait(Duration::from_millis(890));
+        let second = first.with_schema("tenant_b").unwrap();
+        assert_eq!(second.schema(), "tenant_b");
+        assert_eq!(first.schema(), "tenant_a");
+        assert!(Arc::ptr_eq(&second.clock, &clock));
+        assert_eq!(
+            (second.health_wait, second.answer_timeout, second.claim_wait),
+            (first.health_wait, first.answer_timeout, first.claim_wait)
+        );
+        assert_ne!(first.answer_timeout, crate::options::DEFAULT_ANSWER_TIMEOUT);
+    }
+
     /// In a rolling upgrade an instance of the previous build starts on a schema the new build
     /// migrated: the migrations it does not know are ignored, not an error that stops it.
     #[tokio::test]

@@ -447,8 +447,10 @@ impl CommandBus {
     /// Dropped before it returns (a timeout, a `select!`, an HTTP request whose client left),
     /// the dispatch stops the handler at the await it had reached: what the handler wrote
     /// before it stays written unless its store undoes it (cqrs-postgres's command layer rolls
-    /// its transaction back). Once the handler has returned, its recorded events are handed to
-    /// the event sink in a task of their own, which finishes however long the caller waits.
+    /// its transaction back). Once the handler (and the bus's layers) returned, its recorded
+    /// events are handed to the event sink in a task of their own, which finishes however
+    /// long the caller waits (outside a tokio runtime, the sink runs in place, and is cut off
+    /// with the dispatch).
     /// A caller that gave up cannot know whether the command took effect; an idempotency key
     /// makes its retry safe ([`IdempotencyStore`](crate::ports::IdempotencyStore)).
     pub async fn dispatch<C: Command>(&self, command: C) -> Result<C::Output, DispatchError> {

@@ -271,7 +271,7 @@ fn execute_retrying_decides_again_on_what_the_winner_did() {
 /// the winner of a race left, and the events carry the command's metadata; a preparation that
 /// fails ends the call with the aggregate's refusal, nothing appended and nothing retried.
 #[test]
-fn execute_retrying_with_prepares_again_on_what_the_winner_did() {
+fn execute_retrying_prepared_prepares_again_on_what_the_winner_did() {
     run(async {
         let metadata = Metadata::new().with_actor("user-1");
         // Lost once: the winner added 10 before the second attempt loaded.
@@ -279,7 +279,7 @@ fn execute_retrying_with_prepares_again_on_what_the_winner_did() {
         let repo = AggregateRepository::<Total>::new(store.clone());
         let seen = std::sync::Mutex::new(Vec::new());
         let committed = repo
-            .execute_retrying_with(
+            .execute_retrying_prepared(
                 "a",
                 |loaded| {
                     seen.lock()
@@ -310,7 +310,7 @@ fn execute_retrying_with_prepares_again_on_what_the_winner_did() {
         let repo = AggregateRepository::<Total>::new(store.clone());
         let asked = std::sync::atomic::AtomicU32::new(0);
         let refused = repo
-            .execute_retrying_with(
+            .execute_retrying_prepared(
                 "b",
                 |_| {
                     asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -333,7 +333,7 @@ fn execute_retrying_with_prepares_again_on_what_the_winner_did() {
         let repo = AggregateRepository::<Total>::new(store.clone());
         let asked = std::sync::atomic::AtomicU32::new(0);
         let lost = repo
-            .execute_retrying_with(
+            .execute_retrying_prepared(
                 "c",
                 |_| {
                     asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);

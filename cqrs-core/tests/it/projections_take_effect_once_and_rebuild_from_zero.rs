@@ -619,7 +619,45 @@ fn skip_after_never_skips_an_event_the_read_model_is_unavailable_for() {
     });
 }
 
-const SKIPPED: &str = "cqrs_projection_skipped_total{projection=sum,event_type=test.added}";
+/// An event that does not decode (a payload of the wrong shape, which no build mends) counts
+/// as the event's fault too, and its skip is counted as `decode`.
+#[test]
+fn skip_after_skips_an_event_that_does_not_decode() {
+    let counts = MetricCounts::default();
+    metrics::with_local_recorder(&counts, || {
+        run(async {
+            let sum = Arc::new(Sum::default());
+            let events = Arc::new(InMemoryEventStore::new());
+            let mut garbled = record(2);
+            garbled.payload = serde_json::json!({ "sum": "two" });
+            events
+                .append(
+                    "s-1",
+                    ExpectedVersion::NO_STREAM,
+                    vec![record(1), garbled, record(3)],
+                )
+                .await
+                .unwrap();
+            let store = Arc::new(InMemoryProjectionStore::new());
+            let mut runner =
+                ProjectionRunner::from_store(store, sum.clone(), events, types()).skip_after(2);
+            let err = runner.run_once().await.unwrap_err();
+            assert!(matches!(err, ProjectionError::Decode { .. }), "{err}");
+            assert_eq!(runner.run_once().await.unwrap(), 0, "skipped at the second");
+            assert_eq!(runner.catch_up().await.unwrap(), 1);
+            assert_eq!(*sum.seen.lock().unwrap(), [1, 3]);
+            assert_eq!(
+                counts.get(
+                    "cqrs_projection_skipped_total{projection=sum,event_type=test.added,reason=decode}"
+                ),
+                1
+            );
+        })
+    });
+}
+
+const SKIPPED: &str =
+    "cqrs_projection_skipped_total{projection=sum,event_type=test.added,reason=apply}";
 
 /// Fed from the store, an event whose `apply` runs past the runner's `apply_timeout` every
 /// time stops the runner at that event as a refusal does: the events before it in its batch

@@ -46,7 +46,7 @@ fn the_futures_of_the_public_api_are_send<C, Q, A, S, P>(
             .await
             .map(drop)?;
         repository
-            .execute_retrying_with(
+            .execute_retrying_prepared(
                 "42",
                 |_| std::future::pending::<Result<A::Command, A::Error>>(),
                 &metadata,
