@@ -619,6 +619,37 @@ fn skip_after_never_skips_an_event_the_read_model_is_unavailable_for() {
     });
 }
 
+/// The count is per event: failures on one event, then on another, do not add up to a skip of
+/// the second.
+#[test]
+fn skip_after_counts_each_event_apart() {
+    run(async {
+        let sum = Arc::new(Sum {
+            poison: Some(3),
+            ..Sum::default()
+        });
+        *sum.fail_once_on.lock().unwrap() = Some(5);
+        let (runner, _, _) = fed_from_a_store(&sum, &[1, 5, 3, 4]).await;
+        let mut runner = runner.skip_after(2);
+        let first = runner.run_once().await.unwrap_err();
+        assert!(first.to_string().contains("failing once"), "{first}");
+        // 5 goes through this time; 3 fails for the first time, not the second.
+        let second = runner.run_once().await.unwrap_err();
+        assert!(
+            second.to_string().contains("this event always fails"),
+            "{second}"
+        );
+        assert_eq!(*sum.seen.lock().unwrap(), [1, 5]);
+        assert_eq!(
+            runner.run_once().await.unwrap(),
+            0,
+            "3's second failure skips it"
+        );
+        assert_eq!(runner.catch_up().await.unwrap(), 1);
+        assert_eq!(*sum.seen.lock().unwrap(), [1, 5, 4]);
+    });
+}
+
 /// An event that does not decode (a payload of the wrong shape, which no build mends) counts
 /// as the event's fault too, and its skip is counted as `decode`.
 #[test]
