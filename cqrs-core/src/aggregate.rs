@@ -974,16 +974,11 @@ impl<A: Aggregate> AggregateRepository<A> {
         metadata: &Metadata,
         attempts: u32,
     ) -> Result<Committed<A>, AggregateError<A::Error>> {
-        let mut attempt = 1;
-        loop {
-            match self.execute(id, None, command(), metadata).await {
-                Err(AggregateError::Store(StoreError::Conflict { .. })) if attempt < attempts => {
-                    retry_pause(attempt).await;
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
+        // The same steps with nothing to prepare: `execute`'s load, decide and append.
+        // Moved in: a borrowed `command` held across the awaits would need to be `Sync`.
+        let prepare = move |_: &Loaded<A>| std::future::ready(Ok(command()));
+        self.execute_retrying_prepared(id, prepare, metadata, attempts)
+            .await
     }
 
     /// [`execute_retrying`](Self::execute_retrying) for a command that needs I/O before the
@@ -1056,7 +1051,11 @@ impl<A: Aggregate> AggregateRepository<A> {
             let decided = self.decide_on(loaded, None, command, metadata)?;
             match self.append_decided(decided).await {
                 Err(AggregateError::Store(StoreError::Conflict { .. })) if attempt < attempts => {
-                    retry_pause(attempt).await;
+                    // A few milliseconds, longer for each attempt, jittered so writers that
+                    // collided do not collide again at once.
+                    let jitter = u64::from(uuid::Uuid::new_v4().as_bytes()[0] % 8);
+                    let pause = std::time::Duration::from_millis(u64::from(attempt) + jitter);
+                    tokio::time::sleep(pause).await;
                     attempt += 1;
                 }
                 other => return other,
@@ -1101,16 +1100,6 @@ impl<A: Aggregate> AggregateRepository<A> {
             records: stored,
         })
     }
-}
-
-/// The pause before attempt `attempt + 1` after a version conflict: a few milliseconds, longer
-/// for each attempt, jittered so writers that collided do not collide again at once.
-async fn retry_pause(attempt: u32) {
-    let jitter = u64::from(uuid::Uuid::new_v4().as_bytes()[0] % 8);
-    tokio::time::sleep(std::time::Duration::from_millis(
-        u64::from(attempt) + jitter,
-    ))
-    .await;
 }
 
 impl<A: Aggregate> AggregateRepository<A> {

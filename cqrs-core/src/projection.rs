@@ -713,13 +713,14 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         let Some(limit) = self.skip_after else {
             return Err(error);
         };
-        let event_id = match &error {
+        // The event at fault, and the skip metric's `reason`.
+        let (event_id, reason) = match &error {
             ProjectionError::Decode { event_id, source } if !source.waits_for_another_build() => {
-                *event_id
+                (*event_id, "decode")
             }
             ProjectionError::Apply {
                 event_id, source, ..
-            } if !source.kind().is_retryable() => *event_id,
+            } if !source.kind().is_retryable() => (*event_id, "apply"),
             // Not the event's fault (a store away, a read model busy): it neither counts nor
             // starts the count again.
             _ => return Err(error),
@@ -732,7 +733,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         if failures < limit {
             return Err(error);
         }
-        match self.skip(event_id, failures, &error).await {
+        match self.skip(event_id, reason, failures, &error).await {
             Ok(true) => {
                 self.failing_on = None;
                 Ok(Stepped {
@@ -757,6 +758,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     async fn skip(
         &self,
         event_id: Uuid,
+        reason: &'static str,
         failures: u32,
         last: &ProjectionError,
     ) -> Result<bool, ProjectionError> {
@@ -800,10 +802,6 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             error = %last,
             "skipped an event the projection failed on this many steps in a row (skip_after); the read model misses it until a rebuild (the event stays in the store)"
         );
-        let reason = match last {
-            ProjectionError::Decode { .. } => "decode",
-            _ => "apply",
-        };
         metrics::counter!(
             "cqrs_projection_skipped_total",
             "projection" => self.name.clone(),

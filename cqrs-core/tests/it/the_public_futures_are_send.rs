@@ -63,3 +63,22 @@ fn the_futures_of_the_public_api_are_send<C, Q, A, S, P>(
     spawnable(async move { relay.relay_once().await });
     spawnable(async move { runtime.shutdown(Duration::from_secs(1)).await });
 }
+
+/// `execute_retrying` takes a command made again for each attempt: checked apart, for
+/// commands that can be cloned.
+#[allow(dead_code)]
+fn execute_retrying_is_send<A>(
+    repository: AggregateRepository<A>,
+    command: A::Command,
+    metadata: Metadata,
+) where
+    A: Aggregate,
+    A::Command: Clone,
+{
+    spawnable(async move {
+        repository
+            .execute_retrying("42", move || command.clone(), &metadata, 3)
+            .await
+            .map(drop)
+    });
+}

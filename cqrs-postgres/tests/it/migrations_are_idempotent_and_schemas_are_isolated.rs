@@ -30,24 +30,7 @@ async fn concurrent_migrations_apply_once_and_schemas_do_not_mix() {
 
         let other = options(&b).connect().await.unwrap();
         other.migrate().await.unwrap();
-        first
-            .event_store()
-            .append("s", ExpectedVersion::NO_STREAM, vec![record(1)])
-            .await
-            .unwrap();
-        assert!(
-            other
-                .event_store()
-                .read_all(Position::START, 10)
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        other
-            .event_store()
-            .append("s", ExpectedVersion::NO_STREAM, vec![record(2)])
-            .await
-            .expect("the same stream in another schema is another stream");
+        the_stores_stay_apart(&first, &other).await;
 
         first.drop_schema().await.unwrap();
         other.drop_schema().await.unwrap();
@@ -561,25 +544,7 @@ async fn with_schema_shares_the_pool_and_keeps_the_stores_apart() {
         assert_eq!(second.schema(), b);
         first.migrate().await.unwrap();
         second.migrate().await.unwrap();
-        first
-            .event_store()
-            .append("s", ExpectedVersion::NO_STREAM, vec![record(1)])
-            .await
-            .unwrap();
-        assert!(
-            second
-                .event_store()
-                .read_all(Position::START, 10)
-                .await
-                .unwrap()
-                .is_empty(),
-            "the other schema's store holds none of it"
-        );
-        second
-            .event_store()
-            .append("s", ExpectedVersion::NO_STREAM, vec![record(2)])
-            .await
-            .expect("the same stream in another schema is another stream");
+        the_stores_stay_apart(&first, &second).await;
         let refused = first.with_schema("no\"quotes").unwrap_err();
         assert!(refused.to_string().contains("schema"), "{refused}");
 
@@ -590,4 +555,31 @@ async fn with_schema_shares_the_pool_and_keeps_the_stores_apart() {
         assert!(second.pool().is_closed());
     })
     .await;
+}
+
+/// An event appended in `first`'s schema is not in `other`'s store, and the same stream in
+/// `other`'s schema is another stream.
+async fn the_stores_stay_apart(
+    first: &cqrs_postgres::PgDatabase,
+    other: &cqrs_postgres::PgDatabase,
+) {
+    first
+        .event_store()
+        .append("s", ExpectedVersion::NO_STREAM, vec![record(1)])
+        .await
+        .unwrap();
+    assert!(
+        other
+            .event_store()
+            .read_all(Position::START, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the other schema's store holds none of it"
+    );
+    other
+        .event_store()
+        .append("s", ExpectedVersion::NO_STREAM, vec![record(2)])
+        .await
+        .expect("the same stream in another schema is another stream");
 }
