@@ -83,21 +83,6 @@ async fn a_failed_migration_does_not_keep_the_migration_lock() {
     .await;
 }
 
-/// What was logged where it is installed.
-#[derive(Clone, Default)]
-struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// sqlx's migration lock: a database-wide advisory lock keyed by the CRC-32 of the database's
 /// name (`sqlx-postgres`'s `generate_lock_id`).
 fn migration_lock_id(database: &str) -> i64 {
@@ -163,16 +148,6 @@ async fn a_lock_timeout_does_not_bound_the_wait_for_another_migration() {
 /// hung). Its schema is then dropped on that other session, which has no statement or lock
 /// timeout: `db`'s short ones would bound the drop on a loaded server.
 async fn migrates_once_another_instance_is_done(db: cqrs_postgres::PgDatabase) {
-    // This thread's logs: the test's future runs on it (`block_on`).
-    let logs = Logs::default();
-    let writer = logs.clone();
-    let _logging = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::INFO)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish(),
-    );
     cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
         // Another instance's migration, as far as the lock goes: held for a second.
         let mut other = db.pool().acquire().await.unwrap().detach();
@@ -223,11 +198,11 @@ async fn migrates_once_another_instance_is_done(db: cqrs_postgres::PgDatabase) {
                 .unwrap();
         });
         migrated.expect("migrated once the other instance was done");
-        let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
-        assert!(
-            logged.contains("waiting for the migration lock") && logged.contains(db.schema()),
-            "the wait was not logged: {logged}"
-        );
+        let logged = crate::support::logs::kept().iter().any(|line| {
+            line.fields.contains("waiting for the migration lock")
+                && line.fields.contains(&format!("schema={}", db.schema()))
+        });
+        assert!(logged, "the wait was not logged");
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
             db.schema()

@@ -16,6 +16,7 @@ static REACHABLE: OnceCell<bool> = OnceCell::const_new();
 /// Whether Postgres answers; when it does not, prints why the test is skipped, or fails when
 /// `CQRS_REQUIRE_SERVICES=1`.
 pub(crate) async fn postgres_available() -> bool {
+    logs::install();
     *REACHABLE
         .get_or_init(|| async {
             let url = database_url();
@@ -275,5 +276,111 @@ pub(crate) async fn event_count(db: &PgDatabase) -> usize {
         };
         n += page.len();
         after = last;
+    }
+}
+
+pub(crate) mod logs {
+    //! What the binary's tests log, kept by one global subscriber installed before any test
+    //! logs (by [`postgres_available`](super::postgres_available), which every test calls
+    //! first).
+    //!
+    //! Not a thread's default (`set_default`): tracing caches whether a log line is wanted
+    //! once per line, the first time it is reached, and while a single thread default is
+    //! registered it asks only the reaching thread's subscriber. Another test reaching the
+    //! line first, on a thread with none, then turned it off for good, and the capturing test
+    //! saw nothing (the migration lock's wait, which every test migrating meanwhile logs too,
+    //! went missing one run in six).
+
+    use std::sync::{Mutex, MutexGuard, OnceLock};
+    use tracing::subscriber::Interest;
+    use tracing::{Event, Metadata, Subscriber};
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+    use tracing_subscriber::registry::LookupSpan;
+
+    /// One kept log line.
+    #[derive(Clone, Debug)]
+    pub(crate) struct Logged {
+        pub(crate) target: String,
+        /// Its fields, `name=value` each, the message's included.
+        pub(crate) fields: String,
+        /// The names of the test-opened spans it was logged in.
+        pub(crate) spans: Vec<&'static str>,
+    }
+
+    /// What is kept: this crate's lines at `INFO` and above, sqlx's statements that append
+    /// events, and the spans the tests open (for [`Logged::spans`]).
+    fn wanted(metadata: &Metadata<'_>) -> bool {
+        let target = metadata.target();
+        if metadata.is_span() {
+            return target.starts_with("it::");
+        }
+        target == "sqlx::query"
+            || (target.starts_with("cqrs_postgres") && *metadata.level() <= tracing::Level::INFO)
+    }
+
+    struct Keep(&'static Mutex<Vec<Logged>>);
+
+    impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Keep {
+        fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
+            if wanted(metadata) {
+                Interest::always()
+            } else {
+                Interest::never()
+            }
+        }
+
+        fn enabled(&self, metadata: &Metadata<'_>, _: Context<'_, S>) -> bool {
+            wanted(metadata)
+        }
+
+        fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+            let mut fields = Fields(String::new());
+            event.record(&mut fields);
+            let target = event.metadata().target();
+            // Of sqlx's statements, only the appends are asked about.
+            if target == "sqlx::query" && !fields.0.contains("append_event") {
+                return;
+            }
+            let spans = ctx
+                .event_scope(event)
+                .map(|scope| scope.map(|span| span.name()).collect())
+                .unwrap_or_default();
+            self.0.lock().unwrap().push(Logged {
+                target: target.to_owned(),
+                fields: fields.0,
+                spans,
+            });
+        }
+    }
+
+    struct Fields(String);
+
+    impl tracing::field::Visit for Fields {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            self.0.push_str(&format!("{}={value:?} ", field.name()));
+        }
+    }
+
+    fn store() -> &'static Mutex<Vec<Logged>> {
+        static KEPT: OnceLock<&'static Mutex<Vec<Logged>>> = OnceLock::new();
+        KEPT.get_or_init(|| {
+            let kept: &'static Mutex<Vec<Logged>> = Box::leak(Box::default());
+            tracing::subscriber::set_global_default(
+                tracing_subscriber::registry().with(Keep(kept)),
+            )
+            .expect("no other test of this binary installs a global subscriber");
+            kept
+        })
+    }
+
+    /// Installs the subscriber, once.
+    pub(crate) fn install() {
+        store();
+    }
+
+    /// Every line kept so far, by every test of the binary: filter by the test's schema.
+    pub(crate) fn kept() -> MutexGuard<'static, Vec<Logged>> {
+        store().lock().unwrap()
     }
 }
