@@ -4,6 +4,7 @@ use crate::connection;
 use crate::connections::Connections;
 use crate::metrics::{HubStats, Metrics};
 use crate::registry::Registry;
+use crate::revocation::Listening;
 use crate::signal::Ending;
 use crate::upstream::Upstreams;
 use crate::{
@@ -14,7 +15,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use cqrs_core::clock::{Clock, SystemClock};
-use cqrs_core::ports::{EventStore, PubSub};
+use cqrs_core::ports::{EventStore, PubSub, TransportError};
 use cqrs_core::runtime::{Shutdown, ShutdownTrigger};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -168,6 +169,8 @@ pub(crate) struct HubInner<P> {
     /// One permit per replay that may run at once (`max_concurrent_replays`).
     pub(crate) replays: Arc<tokio::sync::Semaphore>,
     all_closed: Notify,
+    /// Where the listener for revocations from other instances stands.
+    revocations: tokio::sync::watch::Sender<Listening>,
 }
 
 impl<P> Drop for HubInner<P> {
@@ -322,12 +325,19 @@ impl<P> Drop for ConnectionSlot<P> {
 }
 
 impl<P: Send + Sync + 'static> HubInner<P> {
-    /// Starts the keepalive (pings, and closes of expired credentials) and the watch on the
-    /// external shutdown signal, once.
+    /// Starts the keepalive (pings, and closes of expired credentials), the listener for
+    /// revocations from other instances, and the watch on the external shutdown signal, once.
     fn start(self: &Arc<Self>) {
         if self.started.set(()).is_err() {
             return;
         }
+        tokio::spawn(crate::revocation::listen(
+            Arc::downgrade(&self.connections),
+            self.pubsub.clone(),
+            crate::revocation::channel(&self.options.channel_prefix),
+            self.revocations.clone(),
+            self.stopped.clone(),
+        ));
         tokio::spawn(crate::connections::keepalive(
             Arc::downgrade(&self.connections),
             self.options.ping_interval,
@@ -467,6 +477,7 @@ impl<P: Send + Sync + 'static> Hub<P> {
                 return unauthorized(refusal.message(), Challenge::InvalidToken);
             }
         };
+        self.revocations_heard().await;
         self.admit(upgrade, principal, client)
     }
 
@@ -525,7 +536,25 @@ impl<P: Send + Sync + 'static> Hub<P> {
         if let Some(refused) = self.open_for_handshakes() {
             return refused;
         }
+        self.revocations_heard().await;
         self.admit(upgrade, principal, client)
+    }
+
+    /// Waits, while the hub's listener for revocations from other instances makes its first
+    /// subscribe, until it has (so a revocation published once this handshake is admitted
+    /// reaches it), for [`operation_timeout`](HubOptions::operation_timeout) at most, or until
+    /// the hub stops. Once that first subscribe is done, whether it succeeded or not, nothing
+    /// waits: a listener retrying (its pub/sub unreachable) does not hold handshakes.
+    async fn revocations_heard(&self) {
+        let mut listening = self.inner.revocations.subscribe();
+        if *listening.borrow_and_update() != Listening::Starting {
+            return;
+        }
+        let heard = listening.wait_for(|state| *state != Listening::Starting);
+        tokio::select! {
+            _ = tokio::time::timeout(self.inner.options.operation_timeout, heard) => {}
+            () = self.inner.stopped.requested() => {}
+        }
     }
 
     /// Starts the hub's background tasks on its first handshake; the refusal of a handshake
@@ -733,8 +762,8 @@ impl<P: Send + Sync + 'static> Hub<P> {
     /// under the lock their opening and closing take; nothing on the path of an event.
     ///
     /// Only this hub's connections: a principal connected to the hub of another instance
-    /// keeps its connections there. Call it on every instance (realtime.md, "Across
-    /// instances").
+    /// keeps its connections there. [`close_connections_everywhere`](Self::close_connections_everywhere)
+    /// closes them on every instance.
     ///
     /// ```
     /// # use cqrs_realtime::doc::{tokens, TicketRules, TicketRouting};
@@ -754,6 +783,53 @@ impl<P: Send + Sync + 'static> Hub<P> {
             tracing::debug!(connections = closed, "closed a principal's connections");
         }
         closed
+    }
+
+    /// [`close_connections_of`](Self::close_connections_of) on every hub that shares this
+    /// one's pub/sub and [`channel_prefix`](HubOptions::channel_prefix): closes `key`'s
+    /// connections here, then publishes the revocation on the prefix's channel for them,
+    /// which every hub listens on (from its first handshake on). Returns how many connections
+    /// it closed here; the other instances close theirs as the message reaches them.
+    ///
+    /// An `Err` is the publish failing (the pub/sub unreachable): this hub's connections are
+    /// closed all the same, the others' are not. Call it again: closing is idempotent.
+    ///
+    /// Pub/sub is at-most-once: an instance cut off from Redis when the revocation was
+    /// published misses it (and logs that it could not subscribe, or that it missed
+    /// messages), and keeps that principal's connections until their credentials expire. Give
+    /// credentials a lifetime ([`Authenticator::expires_at`]) that bounds how long that may
+    /// be, and refuse the revoked credentials in the [`Authenticator`] first, as for
+    /// `close_connections_of`.
+    ///
+    /// ```
+    /// # use cqrs_realtime::doc::{tokens, TicketRules, TicketRouting};
+    /// # use cqrs_core::memory::InMemoryPubSub;
+    /// # use std::sync::Arc;
+    /// use cqrs_realtime::Hub;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), cqrs_core::ports::TransportError> {
+    /// // Two instances' hubs on one pub/sub (Redis's `RedisPubSub` across processes).
+    /// let pubsub = Arc::new(InMemoryPubSub::new());
+    /// let hub = |pubsub: Arc<InMemoryPubSub>| {
+    ///     Hub::builder(tokens()).authorizer(TicketRules).routing(TicketRouting)
+    ///         .pubsub(pubsub).build().unwrap()
+    /// };
+    /// let (here, _there) = (hub(pubsub.clone()), hub(pubsub));
+    /// // Once user-7's sessions are revoked in the user store:
+    /// let closed_here = here.close_connections_everywhere("user-7").await?;
+    /// assert_eq!(closed_here, 0, "none open in this example");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn close_connections_everywhere(&self, key: &str) -> Result<usize, TransportError> {
+        let closed = self.close_connections_of(key);
+        let channel = crate::revocation::channel(&self.inner.options.channel_prefix);
+        self.inner
+            .pubsub
+            .publish(&channel, crate::revocation::message(key))
+            .await?;
+        Ok(closed)
     }
 
     /// Closes every connection with code 1001 and refuses new handshakes with 503. The
@@ -954,6 +1030,7 @@ impl<P: Send + Sync + 'static> HubBuilder<P> {
                 resume_budgets: std::sync::Mutex::default(),
                 replays,
                 all_closed: Notify::new(),
+                revocations: tokio::sync::watch::Sender::new(Listening::Starting),
             }),
         })
     }

@@ -123,6 +123,7 @@ mod publisher;
 mod queue;
 mod registry;
 mod replay;
+mod revocation;
 mod routing;
 mod signal;
 mod topic;

@@ -1,4 +1,4 @@
-use crate::support::{TEST_LIMIT, TestHub};
+use crate::support::{REVOCATION_LISTENER, TEST_LIMIT, TestHub};
 use cqrs_core::testing::with_timeout;
 use cqrs_realtime::{HubOptions, ServerFrame};
 use serde_json::json;
@@ -72,7 +72,7 @@ async fn one_frame_per_matching_subscription_on_one_channel() {
         assert_eq!(topics, ["ticket:t1", "tickets"]);
 
         assert_eq!(t.hub.upstream_channels().await, 1);
-        assert_eq!(pubsub.upstream_subscriptions(), 1);
+        assert_eq!(pubsub.upstream_subscriptions(), 1 + REVOCATION_LISTENER);
         assert_eq!(t.hub.stats().subscriptions, 3);
     })
     .await;

@@ -1,4 +1,4 @@
-use crate::support::{Client, TEST_LIMIT, TestHub};
+use crate::support::{Client, REVOCATION_LISTENER, TEST_LIMIT, TestHub};
 use cqrs_core::memory::InMemoryPubSub;
 use cqrs_core::testing::{eventually, with_timeout};
 use cqrs_realtime::{HubOptions, ServerFrame};
@@ -41,13 +41,17 @@ async fn churn_on_a_channel_subscribes_upstream_once() {
             client.subscribe("tickets").await;
             unsubscribe(&mut client, "tickets").await;
         }
-        assert_eq!(pubsub.upstream_subscribes(), 1, "one upstream subscribe");
+        assert_eq!(
+            pubsub.upstream_subscribes(),
+            1 + REVOCATION_LISTENER,
+            "one upstream subscribe"
+        );
         // Reused within the linger: live, and events flow.
         client.subscribe("tickets").await;
         t.publish("t1", "u1", 1).await;
         assert_eq!(client.event().await.seq, 1);
         unsubscribe(&mut client, "tickets").await;
-        assert_eq!(pubsub.upstream_subscribes(), 1);
+        assert_eq!(pubsub.upstream_subscribes(), 1 + REVOCATION_LISTENER);
 
         eventually(
             Duration::from_secs(20),
@@ -61,7 +65,7 @@ async fn churn_on_a_channel_subscribes_upstream_once() {
         .await;
         // A later subscribe subscribes upstream again.
         client.subscribe("tickets").await;
-        assert_eq!(pubsub.upstream_subscribes(), 2);
+        assert_eq!(pubsub.upstream_subscribes(), 2 + REVOCATION_LISTENER);
         t.publish("t1", "u1", 2).await;
         assert_eq!(client.event().await.seq, 2);
     })
@@ -287,7 +291,7 @@ async fn at_most_max_lingering_channels_linger() {
         }
         assert_eq!(
             pubsub.upstream_subscribes(),
-            5,
+            5 + REVOCATION_LISTENER,
             "one upstream subscribe per channel"
         );
         eventually(
@@ -300,7 +304,7 @@ async fn at_most_max_lingering_channels_linger() {
         client.subscribe("ticket:1").await;
         assert_eq!(
             pubsub.upstream_subscribes(),
-            5,
+            5 + REVOCATION_LISTENER,
             "ticket:1 lingered and is reused"
         );
         client.subscribe("ticket:9").await;

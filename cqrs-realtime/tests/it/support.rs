@@ -24,6 +24,11 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 pub(crate) const FRAME_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A test's time limit.
+/// The upstream subscription each hub makes, at its first handshake, to hear revocations from
+/// other instances (`Hub::close_connections_everywhere`), counted by the pub/sub with the
+/// topics' channels.
+pub(crate) const REVOCATION_LISTENER: u64 = 1;
+
 pub(crate) const TEST_LIMIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]

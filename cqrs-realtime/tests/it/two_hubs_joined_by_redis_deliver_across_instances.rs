@@ -195,3 +195,22 @@ async fn through_a_minimal_redis_pubsub() {
     })
     .await;
 }
+
+/// A revocation through one hub closes the principal's connections on the other, over Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_reaches_the_other_instance() {
+    with_timeout(TEST_LIMIT, async {
+        let url = redis_url();
+        let id = test_id("two_hubs_revocation");
+        let (Some(a), Some(b)) = (adapter(&url, &id).await, adapter(&url, &id).await) else {
+            return;
+        };
+        crate::a_revocation_closes_the_principals_connections_on_every_instance::scenario(
+            a,
+            b,
+            HubOptions::new(),
+        )
+        .await;
+    })
+    .await;
+}

@@ -1,0 +1,260 @@
+//! `Hub::close_connections_everywhere` closes a principal's connections on every hub sharing
+//! the pub/sub and channel prefix (on Redis: `two_hubs_joined_by_redis_deliver_across_instances`),
+//! and the listener behind it survives what the pub/sub does to it: a failed publish, failed
+//! subscribes, messages that are not revocations.
+
+use crate::support::{TEST_LIMIT, TestHub};
+use async_trait::async_trait;
+use cqrs_core::memory::InMemoryPubSub;
+use cqrs_core::ports::{PubSub, Subscription, TransportError};
+use cqrs_core::testing::{eventually, with_timeout};
+use cqrs_realtime::{HubOptions, close_code};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// The close a revoked connection gets.
+fn revoked() -> (u16, String) {
+    (
+        close_code::POLICY_VIOLATION,
+        "credentials revoked".to_owned(),
+    )
+}
+
+/// Hubs `a` and `b` (two instances): a revocation through `a` closes the principal's
+/// connections on both, `a` counting its own, and leaves another principal's on `b` open and
+/// receiving what `a` publishes.
+pub(crate) async fn scenario(a: Arc<dyn PubSub>, b: Arc<dyn PubSub>, options: HubOptions) {
+    let a = TestHub::start_on(a, options.clone(), |b| b).await;
+    let b = TestHub::start_on(b, options, |b| b).await;
+    let mut on_a = a.connect("agent-a").await;
+    let mut on_b = b.connect("user-a").await;
+    let mut second_on_b = b.connect("agent-a").await;
+    let mut other_on_b = b.connect("agent-b").await;
+
+    let closed_here = a.hub.close_connections_everywhere("a").await.unwrap();
+    assert_eq!(closed_here, 1, "the connection on a");
+    for client in [&mut on_a, &mut on_b, &mut second_on_b] {
+        assert_eq!(client.close_frame(100).await, revoked());
+    }
+    other_on_b.subscribe("tickets").await;
+    a.publish("t1", "u1", 1).await;
+    assert_eq!(
+        other_on_b.event().await.seq,
+        1,
+        "the other principal receives"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "b holds the other one only",
+        || async { (b.hub.stats().connections == 1).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_two_hubs_on_one_pubsub() {
+    with_timeout(TEST_LIMIT, async {
+        let pubsub = Arc::new(InMemoryPubSub::new());
+        scenario(pubsub.clone(), pubsub, HubOptions::new()).await;
+    })
+    .await;
+}
+
+/// Hubs with other channel prefixes are other applications: a revocation does not cross.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_of_another_prefix_keeps_its_connections() {
+    with_timeout(TEST_LIMIT, async {
+        let pubsub = Arc::new(InMemoryPubSub::new());
+        let a = TestHub::start_on(pubsub.clone(), HubOptions::new(), |b| b).await;
+        let other = HubOptions::new().channel_prefix("other-app:");
+        let b = TestHub::start_on(pubsub.clone(), other, |b| b).await;
+        let _on_a = a.connect("agent-a").await;
+        let _on_b = b.connect("agent-a").await;
+        let mut marker = b.connect("agent-c").await;
+        assert_eq!(a.hub.close_connections_everywhere("a").await.unwrap(), 1);
+        // Then a revocation on b's own channel: once b acted on it, b took what came before.
+        pubsub
+            .publish(
+                "other-app:#revocations",
+                Arc::from(r#"{"close_connections_of":"c"}"#),
+            )
+            .await
+            .unwrap();
+        assert_eq!(marker.close_frame(100).await, revoked());
+        assert_eq!(
+            b.hub.close_connections_of("a"),
+            1,
+            "b's connection was open"
+        );
+    })
+    .await;
+}
+
+/// An in-memory pub/sub that fails what a test asks it to, and holds the revocation
+/// listener's subscribe until let through.
+struct Faulty {
+    inner: InMemoryPubSub,
+    publish_fails: AtomicBool,
+    /// How many of the next subscribes to the revocation channel fail.
+    failing_subscribes: AtomicUsize,
+    subscribes: AtomicUsize,
+    /// Open: subscribes to the revocation channel go through.
+    gate: tokio::sync::watch::Sender<bool>,
+}
+
+impl Faulty {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            inner: InMemoryPubSub::new(),
+            publish_fails: AtomicBool::new(false),
+            failing_subscribes: AtomicUsize::new(0),
+            subscribes: AtomicUsize::new(0),
+            gate: tokio::sync::watch::Sender::new(true),
+        })
+    }
+}
+
+fn unavailable() -> TransportError {
+    TransportError::Unavailable {
+        backend: "test",
+        source: "the test's pub/sub is down".into(),
+    }
+}
+
+#[async_trait]
+impl PubSub for Faulty {
+    async fn publish(&self, channel: &str, payload: Arc<str>) -> Result<(), TransportError> {
+        if self.publish_fails.load(Ordering::SeqCst) {
+            return Err(unavailable());
+        }
+        self.inner.publish(channel, payload).await
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<Subscription, TransportError> {
+        if channel.ends_with("#revocations") {
+            self.subscribes.fetch_add(1, Ordering::SeqCst);
+            let _ = self.gate.subscribe().wait_for(|open| *open).await;
+            let failing =
+                self.failing_subscribes
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if failing.is_ok() {
+                return Err(unavailable());
+            }
+        }
+        self.inner.subscribe(channel).await
+    }
+}
+
+/// A publish that fails is an `Err`, and this hub's connections are closed all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_that_cannot_be_published_still_closes_the_local_connections() {
+    with_timeout(TEST_LIMIT, async {
+        let pubsub = Faulty::new();
+        let t = TestHub::start_on(pubsub.clone(), HubOptions::new(), |b| b).await;
+        let mut client = t.connect("agent-a").await;
+        pubsub.publish_fails.store(true, Ordering::SeqCst);
+        let err = t.hub.close_connections_everywhere("a").await.unwrap_err();
+        assert!(matches!(err, TransportError::Unavailable { .. }), "{err}");
+        assert_eq!(client.close_frame(100).await, revoked());
+    })
+    .await;
+}
+
+/// A listener whose subscribes fail tries again until one succeeds, and then hears
+/// revocations; handshakes meanwhile are not held for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_whose_subscribes_fail_subscribes_again() {
+    with_timeout(TEST_LIMIT, async {
+        let pubsub = Faulty::new();
+        pubsub.failing_subscribes.store(3, Ordering::SeqCst);
+        // The handshakes' wait is bounded by this: a long one, so a handshake held for the
+        // failing listener would show in the test's time limit.
+        let options = HubOptions::new().operation_timeout(Duration::from_secs(120));
+        let t = TestHub::start_on(pubsub.clone(), options, |b| b).await;
+        let mut client = t.connect("agent-a").await;
+        let _second = t.connect("agent-b").await;
+        eventually(Duration::from_secs(20), "a fourth subscribe", || async {
+            (pubsub.subscribes.load(Ordering::SeqCst) >= 4).then_some(())
+        })
+        .await;
+        // Listening now (the fourth went through), as another instance's revocation shows:
+        // published straight on the channel, since this hub's own call closes locally.
+        let revocation = Arc::from(r#"{"close_connections_of":"a"}"#);
+        eventually(Duration::from_secs(10), "the listener took it", || async {
+            pubsub
+                .inner
+                .publish("realtime:#revocations", Arc::clone(&revocation))
+                .await
+                .unwrap();
+            (t.hub.stats().connections == 1).then_some(())
+        })
+        .await;
+        assert_eq!(client.close_frame(100).await, revoked());
+    })
+    .await;
+}
+
+/// The first handshake waits for the listener's first subscribe, so a revocation published
+/// once a connection is open always finds the listener subscribed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_handshake_waits_for_the_listener() {
+    with_timeout(TEST_LIMIT, async {
+        let pubsub = Faulty::new();
+        pubsub.gate.send_replace(false);
+        let options = HubOptions::new().operation_timeout(Duration::from_secs(120));
+        let t = TestHub::start_on(pubsub.clone(), options, |b| b).await;
+        let connect = t.connect("agent-a");
+        tokio::pin!(connect);
+        tokio::select! {
+            _ = &mut connect => panic!("the handshake completed before the listener subscribed"),
+            () = eventually(Duration::from_secs(10), "the listener subscribes", || async {
+                (pubsub.subscribes.load(Ordering::SeqCst) == 1).then_some(())
+            }) => {}
+        }
+        // Held while the subscribe is: given its time, it stays pending.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut connect)
+                .await
+                .is_err(),
+            "the handshake completed before the listener subscribed"
+        );
+        pubsub.gate.send_replace(true);
+        let mut client = connect.await;
+        pubsub
+            .inner
+            .publish(
+                "realtime:#revocations",
+                Arc::from(r#"{"close_connections_of":"a"}"#),
+            )
+            .await
+            .unwrap();
+        assert_eq!(client.close_frame(100).await, revoked());
+    })
+    .await;
+}
+
+/// What is not a revocation on the channel is ignored, and the listener goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_is_not_a_revocation_is_ignored() {
+    with_timeout(TEST_LIMIT, async {
+        let pubsub = Arc::new(InMemoryPubSub::new());
+        let t = TestHub::start_on(pubsub.clone(), HubOptions::new(), |b| b).await;
+        let mut client = t.connect("agent-a").await;
+        for junk in ["not json", "{}", r#"{"close_connections_of":7}"#, "[]"] {
+            pubsub
+                .publish("realtime:#revocations", Arc::from(junk))
+                .await
+                .unwrap();
+        }
+        pubsub
+            .publish(
+                "realtime:#revocations",
+                Arc::from(r#"{"close_connections_of":"a"}"#),
+            )
+            .await
+            .unwrap();
+        assert_eq!(client.close_frame(100).await, revoked());
+    })
+    .await;
+}
