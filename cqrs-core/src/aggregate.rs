@@ -2,7 +2,9 @@
 
 use crate::clock::{Clock, SystemClock};
 use crate::ports::{EventStore, ExpectedVersion, Snapshot, SnapshotStore, StoreError};
-use crate::{DecodeError, EventEnvelope, EventRecord, EventTypes, HandlerError, Metadata};
+use crate::{
+    DecodeError, EventEnvelope, EventRecord, EventTypes, HandlerError, Metadata, Position,
+};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -1286,4 +1288,16 @@ pub struct Committed<A> {
     /// The stored records (with versions and positions); empty when the aggregate decided
     /// nothing.
     pub records: Vec<EventRecord>,
+}
+
+impl<A> Committed<A> {
+    /// The position of the last event stored, `None` when the aggregate decided nothing: what
+    /// to wait for before reading a projection of it
+    /// ([`ProjectionWatch::wait_for`](crate::projection::ProjectionWatch::wait_for)).
+    pub fn position(&self) -> Option<Position> {
+        self.records
+            .iter()
+            .filter_map(|record| record.position)
+            .max()
+    }
 }

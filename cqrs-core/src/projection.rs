@@ -17,6 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
+mod watch;
+pub use watch::{ProjectionWatch, WaitError};
+
 /// The `event_type` labels of the dead-letter counters: the type is read from a record, so a
 /// name that is not wire-like is `invalid`, and past 256 distinct names they share `other`
 /// (bounded series, whatever a stream or a table holds).
@@ -560,6 +563,13 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     pub fn clock(mut self, clock: Arc<dyn crate::clock::Clock>) -> Self {
         self.clock = clock;
         self
+    }
+
+    /// A [`ProjectionWatch`] on this projection's checkpoint in its store, to wait (anywhere,
+    /// before the runner is handed to a runtime too) until it has taken effect up to a write.
+    /// Meaningful for a runner fed from the event store only: see [`ProjectionWatch`].
+    pub fn watch(&self) -> ProjectionWatch<S> {
+        ProjectionWatch::new(self.store.clone(), self.name.clone())
     }
 
     /// Where a stalled batch is reported: only while running as a worker.

@@ -279,6 +279,16 @@ impl ProjectionStore for PgProjectionStore {
         Ok(position.map(|p| Position::new(to_u64(p))))
     }
 
+    async fn committed_checkpoint(&self, consumer: &str) -> Result<Option<Position>, StoreError> {
+        let position: Option<i64> =
+            sqlx::query_scalar(AssertSqlSafe(self.db.sql.checkpoint_load.clone()))
+                .bind(consumer)
+                .fetch_optional(self.db.pool())
+                .await
+                .map_err(store_error)?;
+        Ok(position.map(|p| Position::new(to_u64(p))))
+    }
+
     async fn save_checkpoint(
         &self,
         unit: &mut PgProjectionUnit,

@@ -162,6 +162,10 @@ impl ProjectionStore for InMemoryProjectionStore {
         Ok(self.committed().checkpoints.get(consumer).copied())
     }
 
+    async fn committed_checkpoint(&self, consumer: &str) -> Result<Option<Position>, StoreError> {
+        Ok(self.committed().checkpoints.get(consumer).copied())
+    }
+
     async fn save_checkpoint(
         &self,
         unit: &mut InMemoryUnit,

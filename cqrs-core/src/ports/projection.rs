@@ -25,6 +25,9 @@ use uuid::Uuid;
 ///   whose lock it holds.
 /// * `checkpoint` returns the consumer's checkpoint as the unit sees it: its own
 ///   `save_checkpoint` or `reset`, else the last committed one.
+/// * `committed_checkpoint(consumer)` returns the last committed checkpoint, outside any
+///   unit and without waiting for the consumer's lock: an open unit's saves and resets do not
+///   show until it commits.
 /// * `begin(consumer)` holds the consumer's lock until the unit ends: two units of one
 ///   consumer never overlap (a rebuild pauses the live projection this way).
 /// * `reset(consumer)` removes its inbox entries and checkpoint, in the unit: its later calls
@@ -56,6 +59,13 @@ pub trait ProjectionStore: Send + Sync + 'static {
         unit: &mut Self::Unit,
         consumer: &str,
     ) -> Result<Option<Position>, StoreError>;
+
+    /// The consumer's last committed checkpoint, read outside any unit of work, without
+    /// waiting for its lock (a runner holds it while it applies): how far a projection has
+    /// taken effect, for a reader waiting to see its own write
+    /// ([`ProjectionWatch`](crate::projection::ProjectionWatch)). `None` when it has none
+    /// (never run, or reset by a rebuild that has not committed its end).
+    async fn committed_checkpoint(&self, consumer: &str) -> Result<Option<Position>, StoreError>;
 
     /// Sets the consumer's checkpoint.
     async fn save_checkpoint(

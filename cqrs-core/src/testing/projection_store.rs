@@ -58,6 +58,7 @@ macro_rules! projection_store_conformance {
                 a_message_is_processed_once_per_consumer,
                 an_uncommitted_unit_leaves_no_trace,
                 a_checkpoint_reads_back_what_was_committed,
+                the_committed_checkpoint_is_read_without_the_lock,
                 units_of_one_consumer_never_overlap,
                 a_dropped_unit_lets_the_next_one_begin,
                 a_reset_forgets_the_inbox_and_the_checkpoint,
@@ -189,6 +190,63 @@ pub async fn a_checkpoint_reads_back_what_was_committed<H: ProjectionStoreHarnes
         );
     }
     drop(unit);
+    other_consumer_untouched(&*store, &other).await;
+}
+
+/// `committed_checkpoint` reads the last committed checkpoint without waiting for the lock an
+/// open unit holds, and sees none of that unit's saves or resets until it commits; another
+/// consumer's is its own.
+pub async fn the_committed_checkpoint_is_read_without_the_lock<H: ProjectionStoreHarness>(h: &H) {
+    let store = h.store();
+    let c = h.test_id();
+    let other = another_consumer(&*store, c).await;
+    let committed = |store: Arc<H::Store>| async move {
+        tokio::time::timeout(Duration::from_secs(10), store.committed_checkpoint(c))
+            .await
+            .expect("committed_checkpoint waited: it must not take the consumer's lock")
+            .unwrap()
+    };
+    assert_eq!(committed(store.clone()).await, None, "never saved");
+    let mut unit = store.begin(c).await.unwrap();
+    store
+        .save_checkpoint(&mut unit, c, Position::new(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        committed(store.clone()).await,
+        None,
+        "an open unit's save is not committed"
+    );
+    store.commit(unit).await.unwrap();
+    assert_eq!(committed(store.clone()).await, Some(Position::new(5)));
+
+    let mut unit = store.begin(c).await.unwrap();
+    store
+        .save_checkpoint(&mut unit, c, Position::new(9))
+        .await
+        .unwrap();
+    assert_eq!(committed(store.clone()).await, Some(Position::new(5)));
+    drop(unit);
+    assert_eq!(
+        committed(store.clone()).await,
+        Some(Position::new(5)),
+        "a dropped unit's save never shows"
+    );
+
+    let mut unit = store.begin(c).await.unwrap();
+    store.reset(&mut unit, c).await.unwrap();
+    assert_eq!(
+        committed(store.clone()).await,
+        Some(Position::new(5)),
+        "an open unit's reset is not committed"
+    );
+    store.commit(unit).await.unwrap();
+    assert_eq!(committed(store.clone()).await, None, "reset");
+    assert_eq!(
+        store.committed_checkpoint(&other.0).await.unwrap(),
+        Some(Position::new(42)),
+        "another consumer's checkpoint is its own"
+    );
     other_consumer_untouched(&*store, &other).await;
 }
 

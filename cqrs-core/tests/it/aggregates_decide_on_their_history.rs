@@ -50,11 +50,18 @@ fn the_repository_loads_decides_and_appends_at_the_loaded_version() {
         let store = Arc::new(InMemoryEventStore::new());
         let repo = AggregateRepository::<Total>::new(store.clone());
         let metadata = Metadata::new().with_actor("u1");
+        let mut positions = Vec::new();
         for add in [10, 20, 30] {
-            repo.execute("a", None, add, &metadata).await.unwrap();
+            let committed = repo.execute("a", None, add, &metadata).await.unwrap();
+            positions.push(committed.position().expect("an event was stored").get());
         }
+        // Another stream's event in between: positions are the store's global order.
+        repo.execute("b", None, 1, &metadata).await.unwrap();
+        let committed = repo.execute("a", None, 0, &metadata).await.unwrap();
+        positions.push(committed.position().unwrap().get());
+        assert_eq!(positions, [1, 2, 3, 5], "each write's last position");
         let loaded = repo.load("a").await.unwrap();
-        assert_eq!((loaded.state.total, loaded.version), (60, 3));
+        assert_eq!((loaded.state.total, loaded.version), (60, 4));
         let refused = repo.execute("a", None, 50, &metadata).await.unwrap_err();
         let AggregateError::Rejected(e) = refused else {
             panic!("expected a refusal")
@@ -64,13 +71,13 @@ fn the_repository_loads_decides_and_appends_at_the_loaded_version() {
         let stale = repo.execute("a", Some(2), 1, &metadata).await.unwrap_err();
         assert!(matches!(
             stale,
-            AggregateError::Store(StoreError::Conflict { actual: 3, .. })
+            AggregateError::Store(StoreError::Conflict { actual: 4, .. })
         ));
         let as_handler_error: HandlerError = stale.into();
         assert_eq!(as_handler_error.code(), "version_conflict");
 
         let stored = store.load("total-a", 0).await.unwrap();
-        assert_eq!(stored.len(), 3);
+        assert_eq!(stored.len(), 4);
         assert_eq!(stored[0].metadata.actor.as_deref(), Some("u1"));
         assert_eq!(stored[0].metadata.causation_id, Some(metadata.message_id));
         // The stream, not the bare id: another aggregate type's `a` is another chain.

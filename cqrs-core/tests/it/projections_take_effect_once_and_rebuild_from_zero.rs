@@ -7,7 +7,7 @@ use cqrs_core::ports::{
     Consumer, ConsumerOptions, Delivery, DeliveryId, EventStore, EventTransport, ProjectionStore,
     StoreError, TransportCapabilities, TransportError,
 };
-use cqrs_core::projection::{Projection, ProjectionError, ProjectionRunner};
+use cqrs_core::projection::{Projection, ProjectionError, ProjectionRunner, WaitError};
 use cqrs_core::testing::{MetricCounts, eventually};
 use cqrs_core::{
     DecodeError, EventEnvelope, EventRecord, EventTypes, ExpectedVersion, HandlerError, Metadata,
@@ -220,6 +220,132 @@ fn a_store_fed_projection_catches_up_keeps_its_checkpoint_and_rebuilds() {
             "the rebuild left the checkpoint at the end"
         );
     });
+}
+
+/// A watch on a store-fed projection waits until its runner has taken effect up to a
+/// position (read-your-writes): not reached before the runner ran, reached once it did, and
+/// past it the model holds the write.
+#[test]
+fn a_watch_waits_until_the_projection_took_effect_up_to_a_write() {
+    run(async {
+        let events = Arc::new(InMemoryEventStore::new());
+        let store = Arc::new(InMemoryProjectionStore::new());
+        let sum = Arc::new(Sum::default());
+        let mut runner =
+            ProjectionRunner::from_store(store.clone(), sum.clone(), events.clone(), types());
+        let watch = runner.watch();
+        assert_eq!(watch.projection(), "sum");
+        let stored = events
+            .append(
+                "s-1",
+                ExpectedVersion::NO_STREAM,
+                vec![record(1), record(2)],
+            )
+            .await
+            .unwrap();
+        let written = stored.last().unwrap().position.unwrap();
+        assert!(
+            !watch.reached(written).await.unwrap(),
+            "the runner has not run"
+        );
+        assert_eq!(watch.position().await.unwrap(), None);
+        // The runner goes on while the wait polls: the wait ends once it committed, with the
+        // write in the model.
+        let (seen, ran) = tokio::join!(
+            async {
+                watch
+                    .wait_for(written, Duration::from_secs(30))
+                    .await
+                    .unwrap();
+                *sum.total.lock().unwrap()
+            },
+            async {
+                tokio::task::yield_now().await;
+                runner.catch_up().await
+            }
+        );
+        assert_eq!(seen, 3, "the write shows in the model when the wait ends");
+        assert_eq!(ran.unwrap(), 2);
+        assert_eq!(watch.position().await.unwrap(), Some(written));
+        // An earlier position is reached too; a later one is not, until the runner gets there.
+        assert!(watch.reached(Position::new(1)).await.unwrap());
+        let later = Position::new(written.get() + 1);
+        assert!(!watch.reached(later).await.unwrap());
+    });
+}
+
+/// A wait for a position the projection never reaches gives up after its time, saying where
+/// it stands; a store away meanwhile is retried, and said when it was away to the end; a store
+/// that refuses the read for good ends the wait at once.
+#[tokio::test(start_paused = true)]
+async fn a_watch_gives_up_in_time_retries_a_store_away_and_stops_at_a_refusal() {
+    let store = Arc::new(Flaky::default());
+    let watch = cqrs_core::projection::ProjectionWatch::new(store.clone(), "sum")
+        .poll_interval(Duration::from_millis(100));
+    let mut unit = store.begin("sum").await.unwrap();
+    store
+        .save_checkpoint(&mut unit, "sum", Position::new(4))
+        .await
+        .unwrap();
+    store.commit(unit).await.unwrap();
+
+    let started = tokio::time::Instant::now();
+    let err = watch
+        .wait_for(Position::new(5), Duration::from_secs(2))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, WaitError::TimedOut { reached: Some(p), last_error: None, .. } if *p == Position::new(4)),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("stands at 4"), "{err}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_millis(2200),
+        "gave up after {waited:?}"
+    );
+
+    // Away, then back with the checkpoint there: the wait goes on through the failures.
+    store.down.store(true, Ordering::SeqCst);
+    let (waited, ()) = tokio::join!(
+        watch.wait_for(Position::new(6), Duration::from_secs(5)),
+        async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let mut unit = store.inner.begin("sum").await.unwrap();
+            store
+                .inner
+                .save_checkpoint(&mut unit, "sum", Position::new(6))
+                .await
+                .unwrap();
+            store.inner.commit(unit).await.unwrap();
+            store.down.store(false, Ordering::SeqCst);
+        }
+    );
+    waited.expect("reached once the store was back");
+
+    // Away to the end: the last error is told.
+    store.down.store(true, Ordering::SeqCst);
+    let err = watch
+        .wait_for(Position::new(7), Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, WaitError::TimedOut { last_error: Some(e), .. } if e.kind() == ErrorKind::Unavailable),
+        "{err:?}"
+    );
+    store.down.store(false, Ordering::SeqCst);
+
+    let refusing = Arc::new(Flaky {
+        refusing: Some(Refusing::EveryWrite),
+        ..Flaky::default()
+    });
+    let started = tokio::time::Instant::now();
+    let err = cqrs_core::projection::ProjectionWatch::new(refusing, "sum")
+        .wait_for(Position::new(1), Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, WaitError::Store { .. }), "{err:?}");
+    assert_eq!(started.elapsed(), Duration::ZERO, "no wait after a refusal");
 }
 
 /// A batch of types the projection does not register applies nothing: `run_once` returns 0
@@ -1249,6 +1375,20 @@ impl ProjectionStore for Flaky {
         consumer: &str,
     ) -> Result<Option<Position>, StoreError> {
         self.inner.checkpoint(unit, consumer).await
+    }
+
+    async fn committed_checkpoint(&self, consumer: &str) -> Result<Option<Position>, StoreError> {
+        // Its tables missing: a read is refused too.
+        if self.refusing == Some(Refusing::EveryWrite) {
+            return Err(missing_table());
+        }
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable {
+                backend: "test",
+                source: "the database is away".into(),
+            });
+        }
+        self.inner.committed_checkpoint(consumer).await
     }
 
     async fn save_checkpoint(

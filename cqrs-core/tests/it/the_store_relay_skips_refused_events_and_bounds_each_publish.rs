@@ -568,6 +568,12 @@ impl cqrs_core::ports::ProjectionStore for LosesItsLease {
         }
         self.inner.checkpoint(unit, consumer).await
     }
+    async fn committed_checkpoint(
+        &self,
+        consumer: &str,
+    ) -> Result<Option<cqrs_core::Position>, cqrs_core::ports::StoreError> {
+        self.inner.committed_checkpoint(consumer).await
+    }
     async fn save_checkpoint(
         &self,
         unit: &mut Self::Unit,

@@ -479,3 +479,30 @@ pg_test! {
         drop(unit);
     }
 }
+
+pg_test! {
+    /// A watch waits until the runner has committed the write to the model, reading the
+    /// checkpoint outside the runner's unit (read-your-writes on Postgres).
+    async fn a_watch_waits_until_the_runner_committed_the_write(db: PgDatabase) {
+        create_read_model(&db).await;
+        let mut types = EventTypes::new();
+        types.register::<TicketOpened>();
+        let projection = Arc::new(OpenedCount { schema: db.schema().to_owned(), poisoned: AtomicBool::new(false), resetting: AtomicBool::new(false), reset_gate: tokio::sync::Mutex::new(()) });
+        let store = Arc::new(db.projection_store());
+        let mut runner = ProjectionRunner::from_store(store.clone(), projection, Arc::new(db.event_store()), Arc::new(types));
+        let watch = runner.watch();
+        open(&db, "t1", "fine").await;
+        let written = db.event_store().read_all(cqrs_core::Position::START, 10).await.unwrap()[0].position.unwrap();
+        assert!(!watch.reached(written).await.unwrap());
+        let (seen, ran) = tokio::join!(
+            async {
+                watch.wait_for(written, Duration::from_secs(30)).await.unwrap();
+                count(&db).await
+            },
+            runner.catch_up()
+        );
+        assert_eq!(seen, 1, "the write is in the model once the wait ends");
+        assert_eq!(ran.unwrap(), 1);
+        assert_eq!(watch.position().await.unwrap(), Some(written));
+    }
+}
