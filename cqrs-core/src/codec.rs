@@ -234,6 +234,18 @@ pub enum DecodeError {
         /// The type's current version.
         current: u32,
     },
+    /// A rename ([`EventTypes::rename`]) that can never apply or never ends: its old name is
+    /// registered as a type of its own (events stored under it decode as that type), or
+    /// renames lead back to it. Found by [`EventTypes::validate`].
+    #[error("the rename of event type `{from}` to `{to}` is refused: {reason}")]
+    InvalidRename {
+        /// The old wire name.
+        from: String,
+        /// The name it is renamed to.
+        to: String,
+        /// Why, and what to do.
+        reason: &'static str,
+    },
     /// An upcaster failed on this event.
     #[error("upcasting event `{event_type}` from schema version {from} failed: {source}")]
     Upcast {
@@ -317,6 +329,8 @@ struct Entry {
 pub struct EventTypes {
     entries: HashMap<String, Entry>,
     upcasters: HashMap<(String, u32), Upcaster>,
+    /// Old wire names, to the names their events are read as now.
+    renamed: HashMap<String, String>,
     policy: UnknownEventPolicy,
     /// The allowance of the warnings about unknown types under `Skip`, shared by the clones:
     /// once a minute per type for each reader's types, not for the whole process.
@@ -328,6 +342,7 @@ impl fmt::Debug for EventTypes {
         f.debug_struct("EventTypes")
             .field("types", &self.entries.keys().collect::<Vec<_>>())
             .field("upcasters", &self.upcasters.len())
+            .field("renamed", &self.renamed)
             .field("policy", &self.policy)
             .finish()
     }
@@ -385,6 +400,12 @@ impl EventTypes {
         }
         self.upcasters
             .extend(other.upcasters.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.renamed.extend(
+            other
+                .renamed
+                .iter()
+                .map(|(from, to)| (from.clone(), to.clone())),
+        );
         self
     }
 
@@ -427,6 +448,56 @@ impl EventTypes {
         self
     }
 
+    /// Reads events stored under the wire name `from` as the type registered under `to`: for
+    /// an event type whose `NAME` changed, since stored events keep the name they were written
+    /// with. Their schema versions count in the new name's chain: a rename that also changed
+    /// the payload raises the type's version and registers an upcaster under the new name, as
+    /// for any change. Renames chain (`a` to `b`, `b` to `c` reads `a` as `c`).
+    /// [`validate`](Self::validate) refuses a rename whose old name is registered as a type too
+    /// (it would never apply) and renames that lead back to their start.
+    ///
+    /// Only decoding follows it: a record read keeps its stored `event_type`, and what is
+    /// written from now on carries the new name. Keep the rename as long as events under the
+    /// old name are stored (or read from a transport).
+    ///
+    /// ```
+    /// use cqrs_core::{Event, EventRecord, EventTypes, Metadata, RecordMetadata};
+    /// use cqrs_core::reexports::serde_json::json;
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// /// Was `tickets.closed` until the names took their aggregate's prefix.
+    /// #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Event)]
+    /// #[cqrs(name = "tickets.ticket_closed")]
+    /// struct TicketClosed { ticket_id: String }
+    ///
+    /// let mut types = EventTypes::new();
+    /// types.register::<TicketClosed>().rename("tickets.closed", "tickets.ticket_closed");
+    /// types.validate().unwrap();
+    ///
+    /// let m = Metadata::new();
+    /// let old = EventRecord::new(m.message_id, "tickets.closed", 1,
+    ///     json!({ "ticket_id": "t1" }), RecordMetadata::from_metadata(&m));
+    /// let event = types.decode(&old).unwrap().expect("read as the renamed type");
+    /// assert_eq!(event.downcast_ref::<TicketClosed>(), Some(&TicketClosed { ticket_id: "t1".into() }));
+    /// ```
+    pub fn rename(&mut self, from: &str, to: &str) -> &mut Self {
+        self.renamed.insert(from.to_owned(), to.to_owned());
+        self
+    }
+
+    /// The name `event_type` is read as and its registration: its own, else the one renames
+    /// lead it to (at most one step per rename, so a cycle ends).
+    fn resolve<'a>(&'a self, event_type: &'a str) -> Option<(&'a str, &'a Entry)> {
+        let mut name = event_type;
+        for _ in 0..=self.renamed.len() {
+            if let Some(entry) = self.entries.get(name) {
+                return Some((name, entry));
+            }
+            name = self.renamed.get(name)?;
+        }
+        None
+    }
+
     /// Sets the policy for unknown event types.
     pub fn unknown_events(&mut self, policy: UnknownEventPolicy) -> &mut Self {
         self.policy = policy;
@@ -440,7 +511,7 @@ impl EventTypes {
 
     /// Whether a type with this wire name is registered.
     pub fn knows(&self, event_type: &str) -> bool {
-        self.entries.contains_key(event_type)
+        self.resolve(event_type).is_some()
     }
 
     /// Whether this build knows an event type of this wire name, registered here or not: one
@@ -499,6 +570,34 @@ impl EventTypes {
     /// (it would never run). Upcasters of types not registered here are not checked: a
     /// catalogue shared by several consumers may hold some for types one of them skips.
     pub fn validate(&self) -> Result<(), DecodeError> {
+        let mut renames: Vec<(&String, &String)> = self.renamed.iter().collect();
+        renames.sort();
+        for (from, to) in renames {
+            let refused = |reason| {
+                Err(DecodeError::InvalidRename {
+                    from: from.clone(),
+                    to: to.clone(),
+                    reason,
+                })
+            };
+            if self.entries.contains_key(from) {
+                return refused(
+                    "the old name is registered as a type too, so its events decode as that type and the rename never applies: drop the rename or that type's registration",
+                );
+            }
+            let mut name = to;
+            for _ in 0..=self.renamed.len() {
+                if name == from {
+                    return refused(
+                        "the renames lead back to the old name: make the chain end at a registered type",
+                    );
+                }
+                match self.renamed.get(name) {
+                    Some(next) => name = next,
+                    None => break,
+                }
+            }
+        }
         let mut names: Vec<&String> = self.entries.keys().collect();
         names.sort();
         for name in names {
@@ -542,7 +641,7 @@ impl EventTypes {
     /// skipped under [`UnknownEventPolicy::Skip`] or [`UnknownEventPolicy::Ignore`], or, under
     /// [`UnknownEventPolicy::AwaitNewerBuild`], one another part of this build knows.
     pub fn decode(&self, record: &EventRecord) -> Result<Option<EventEnvelope>, DecodeError> {
-        let Some(entry) = self.entries.get(&record.event_type) else {
+        let Some((name, entry)) = self.resolve(&record.event_type) else {
             match self.policy {
                 UnknownEventPolicy::Fail => {
                     return Err(DecodeError::UnknownType {
@@ -598,7 +697,7 @@ impl EventTypes {
         };
         if record.schema_version > entry.current {
             return Err(DecodeError::FutureVersion {
-                event_type: record.event_type.clone(),
+                event_type: name.to_owned(),
                 found: record.schema_version,
                 current: entry.current,
             });
@@ -609,9 +708,9 @@ impl EventTypes {
         while version < entry.current {
             let upcaster = self
                 .upcasters
-                .get(&(record.event_type.clone(), version))
+                .get(&(name.to_owned(), version))
                 .ok_or_else(|| DecodeError::MissingUpcaster {
-                    event_type: record.event_type.clone(),
+                    event_type: name.to_owned(),
                     found: version,
                 })?;
             let payload = upcast.take().unwrap_or_else(|| record.payload.clone());
@@ -628,7 +727,7 @@ impl EventTypes {
                         .into())
                     });
             upcast = Some(upcasted.map_err(|source| DecodeError::Upcast {
-                event_type: record.event_type.clone(),
+                event_type: name.to_owned(),
                 from: version,
                 source,
             })?);
@@ -650,7 +749,7 @@ impl EventTypes {
                     ))
                 });
         let event = decoded.map_err(|source| DecodeError::Payload {
-            event_type: record.event_type.clone(),
+            event_type: name.to_owned(),
             source,
         })?;
         let mut envelope = EventEnvelope::from_arc(event, record.to_metadata());

@@ -87,6 +87,42 @@ fn the_repository_loads_decides_and_appends_at_the_loaded_version() {
 
 /// An empty aggregate id is refused, on every way in, before anything is read or stored: it
 /// would name one stream (`total-`) shared by every command that came without an id.
+/// A stream holding events under a type's old wire name loads through a rename in the
+/// repository's types, and the next write carries the new name.
+#[test]
+fn a_stream_with_events_under_an_old_type_name_loads_through_a_rename() {
+    run(async {
+        let store = Arc::new(InMemoryEventStore::new());
+        let m = Metadata::new();
+        let old = EventRecord::new(
+            m.message_id,
+            "test.summed",
+            1,
+            serde_json::json!({"sum": 7}),
+            cqrs_core::RecordMetadata::from_metadata(&m),
+        );
+        store
+            .append("total-a", ExpectedVersion::NO_STREAM, vec![old])
+            .await
+            .unwrap();
+        let plain = AggregateRepository::<Total>::new(store.clone());
+        assert!(
+            matches!(
+                plain.load("a").await,
+                Err(AggregateError::UnknownEvent { .. })
+            ),
+            "without the rename the old name is unknown"
+        );
+        let mut types = EventTypes::of::<CounterEvent>();
+        types.rename("test.summed", "test.added");
+        let repo = AggregateRepository::<Total>::with_types(store.clone(), Arc::new(types));
+        assert_eq!(repo.load("a").await.unwrap().state.total, 7);
+        repo.execute("a", None, 1, &m).await.unwrap();
+        let stored = store.load("total-a", 1).await.unwrap();
+        assert_eq!(stored[0].event_type, "test.added");
+    });
+}
+
 #[test]
 fn an_empty_aggregate_id_is_refused_before_anything_is_stored() {
     run(async {

@@ -516,3 +516,93 @@ fn an_unknown_event_type_is_logged_escaped() {
         .collect();
     assert_eq!(logged, [r"test.forged\nERROR a line of its own"]);
 }
+
+/// Events stored under a type's old wire name decode as the renamed type, through the new
+/// name's upcasters from the version they were written at; a record under the new name is
+/// read as before, and `knows` answers for the old name.
+#[test]
+fn a_renamed_type_reads_its_events_stored_under_the_old_name() {
+    let mut types = EventTypes::new();
+    types.register::<Added>();
+    assert!(!types.knows("test.summed"));
+    types.rename("test.summed", "test.added");
+    types.validate().unwrap();
+    assert!(types.knows("test.summed"));
+    let envelope = types
+        .decode(&stored("test.summed", 1, json!({"sum": 2})))
+        .unwrap()
+        .expect("read as Added");
+    assert_eq!(envelope.downcast_ref::<Added>(), Some(&Added { sum: 2 }));
+    let envelope = types
+        .decode(&stored("test.added", 1, json!({"sum": 5})))
+        .unwrap()
+        .unwrap();
+    assert_eq!(envelope.downcast_ref::<Added>(), Some(&Added { sum: 5 }));
+
+    // An older version under the old name runs the new name's chain, and its errors name
+    // the new name, under which the upcaster is registered.
+    let err = types
+        .decode(&stored("test.summed", 0, json!({"total": 3})))
+        .unwrap_err();
+    assert!(
+        matches!(&err, DecodeError::MissingUpcaster { event_type, found: 0 } if event_type == "test.added"),
+        "{err}"
+    );
+    types.upcaster("test.added", 0, |mut v| {
+        Ok(json!({ "sum": v["total"].take() }))
+    });
+    let envelope = types
+        .decode(&stored("test.summed", 0, json!({"total": 3})))
+        .unwrap()
+        .unwrap();
+    assert_eq!(envelope.downcast_ref::<Added>(), Some(&Added { sum: 3 }));
+
+    // Renames chain, and travel with `merge`.
+    let mut older = EventTypes::new();
+    older.rename("test.counted", "test.summed");
+    let mut merged = EventTypes::new();
+    merged.merge(&types).merge(&older);
+    merged.validate().unwrap();
+    let envelope = merged
+        .decode(&stored("test.counted", 1, json!({"sum": 4})))
+        .unwrap()
+        .unwrap();
+    assert_eq!(envelope.downcast_ref::<Added>(), Some(&Added { sum: 4 }));
+}
+
+/// A rename that never applies (its old name registered too) or leads back to itself fails
+/// `validate` at start-up; a rename to a type not registered here is left to the unknown
+/// policy, as its events would be.
+#[test]
+fn validate_refuses_a_rename_that_never_applies_or_never_ends() {
+    let mut shadowed = EventTypes::new();
+    shadowed
+        .register::<Added>()
+        .rename("test.added", "test.other");
+    let err = shadowed.validate().unwrap_err();
+    assert!(
+        matches!(&err, DecodeError::InvalidRename { from, .. } if from == "test.added"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("never applies"), "{err}");
+
+    let mut cycle = EventTypes::new();
+    cycle.rename("a", "b").rename("b", "c").rename("c", "a");
+    let err = cycle.validate().unwrap_err();
+    assert!(err.to_string().contains("lead back"), "{err}");
+    // Decoding through the cycle ends, as an unknown type.
+    assert!(cycle.decode(&stored("a", 1, json!({}))).unwrap().is_none());
+
+    let mut elsewhere = EventTypes::new();
+    elsewhere.rename("test.summed", "test.not_here");
+    elsewhere.validate().unwrap();
+    assert!(!elsewhere.knows("test.summed"));
+    elsewhere.unknown_events(UnknownEventPolicy::Fail);
+    let err = elsewhere
+        .decode(&stored("test.summed", 1, json!({})))
+        .unwrap_err();
+    assert!(
+        matches!(&err, DecodeError::UnknownType { event_type, .. } if event_type == "test.summed"),
+        "{err}"
+    );
+}
