@@ -18,7 +18,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 mod watch;
-pub use watch::{ProjectionWatch, WaitError};
+pub use watch::{ProjectionWatch, WatchError};
 
 /// The `event_type` labels of the dead-letter counters: the type is read from a record, so a
 /// name that is not wire-like is `invalid`, and past 256 distinct names they share `other`

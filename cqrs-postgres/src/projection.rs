@@ -280,12 +280,19 @@ impl ProjectionStore for PgProjectionStore {
     }
 
     async fn committed_checkpoint(&self, consumer: &str) -> Result<Option<Position>, StoreError> {
-        let position: Option<i64> =
+        // Outside any transaction: a plain read sees the last commit and waits for no lock.
+        // A waiter gives it up at its deadline, maybe mid-statement: the connection then is
+        // closed, not handed back to wait for the answer.
+        let mut held = crate::database::ClosedUnlessReturned::acquire(&self.db)
+            .await
+            .map_err(|e| self.db.store_error(e))?;
+        let position: Result<Option<i64>, _> =
             sqlx::query_scalar(AssertSqlSafe(self.db.sql.checkpoint_load.clone()))
                 .bind(consumer)
-                .fetch_optional(self.db.pool())
-                .await
-                .map_err(store_error)?;
+                .fetch_optional(&mut *held.connection)
+                .await;
+        held.give_back();
+        let position = position.map_err(|e| self.db.store_error(e))?;
         Ok(position.map(|p| Position::new(to_u64(p))))
     }
 

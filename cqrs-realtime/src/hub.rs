@@ -331,13 +331,18 @@ impl<P: Send + Sync + 'static> HubInner<P> {
         if self.started.set(()).is_err() {
             return;
         }
-        tokio::spawn(crate::revocation::listen(
-            Arc::downgrade(&self.connections),
-            self.pubsub.clone(),
-            crate::revocation::channel(&self.options.channel_prefix),
-            self.revocations.clone(),
-            self.stopped.clone(),
-        ));
+        tokio::spawn(
+            crate::revocation::Listener {
+                connections: Arc::downgrade(&self.connections),
+                metrics: self.metrics.clone(),
+                pubsub: self.pubsub.clone(),
+                channel: crate::revocation::channel(&self.options.channel_prefix),
+                subscribe_timeout: self.options.operation_timeout,
+                state: self.revocations.clone(),
+                stopped: self.stopped.clone(),
+            }
+            .run(),
+        );
         tokio::spawn(crate::connections::keepalive(
             Arc::downgrade(&self.connections),
             self.options.ping_interval,
@@ -439,6 +444,9 @@ impl<P: Send + Sync + 'static> Hub<P> {
         if let Some(refused) = self.open_for_handshakes() {
             return refused;
         }
+        // Before the credentials are checked: a revocation made between the check and the
+        // listing of the connection would miss it.
+        self.revocations_heard().await;
         let inner = &self.inner;
         let token = match bearer_token(headers, uri) {
             Ok(token) => token,
@@ -477,7 +485,6 @@ impl<P: Send + Sync + 'static> Hub<P> {
                 return unauthorized(refusal.message(), Challenge::InvalidToken);
             }
         };
-        self.revocations_heard().await;
         self.admit(upgrade, principal, client)
     }
 
@@ -542,9 +549,10 @@ impl<P: Send + Sync + 'static> Hub<P> {
 
     /// Waits, while the hub's listener for revocations from other instances makes its first
     /// subscribe, until it has (so a revocation published once this handshake is admitted
-    /// reaches it), for [`operation_timeout`](HubOptions::operation_timeout) at most, or until
-    /// the hub stops. Once that first subscribe is done, whether it succeeded or not, nothing
-    /// waits: a listener retrying (its pub/sub unreachable) does not hold handshakes.
+    /// reaches it), or until the hub stops. That subscribe counts as failed after
+    /// [`operation_timeout`](HubOptions::operation_timeout), which bounds the wait. Once it
+    /// is done, whether it succeeded or not, nothing waits: a listener retrying (its pub/sub
+    /// unreachable, which it logs) does not hold handshakes.
     async fn revocations_heard(&self) {
         let mut listening = self.inner.revocations.subscribe();
         if *listening.borrow_and_update() != Listening::Starting {
@@ -738,8 +746,10 @@ impl<P: Send + Sync + 'static> Hub<P> {
         self.inner.metrics.snapshot()
     }
 
-    /// How many pub/sub channels the hub is subscribed to now, including those kept for
+    /// How many topics' pub/sub channels the hub is subscribed to now, including those kept for
     /// [`upstream_linger`](HubOptions::upstream_linger) after their last subscription went.
+    /// Not counted: the revocation channel every hub listens on from its first handshake on
+    /// ([`close_connections_everywhere`](Self::close_connections_everywhere)).
     pub async fn upstream_channels(&self) -> usize {
         self.inner.upstreams.len().await
     }
@@ -780,6 +790,7 @@ impl<P: Send + Sync + 'static> Hub<P> {
     pub fn close_connections_of(&self, key: &str) -> usize {
         let closed = self.inner.connections.close_keyed(key, Ending::REVOKED);
         if closed > 0 {
+            self.inner.metrics.revoked(closed as u64, false);
             tracing::debug!(connections = closed, "closed a principal's connections");
         }
         closed
@@ -792,7 +803,8 @@ impl<P: Send + Sync + 'static> Hub<P> {
     /// it closed here; the other instances close theirs as the message reaches them.
     ///
     /// An `Err` is the publish failing (the pub/sub unreachable): this hub's connections are
-    /// closed all the same, the others' are not. Call it again: closing is idempotent.
+    /// closed all the same ([`RevocationError::closed_here`] says how many), the others' are
+    /// not. Call it again: closing is idempotent.
     ///
     /// Pub/sub is at-most-once: an instance cut off from Redis when the revocation was
     /// published misses it (and logs that it could not subscribe, or that it missed
@@ -808,7 +820,7 @@ impl<P: Send + Sync + 'static> Hub<P> {
     /// use cqrs_realtime::Hub;
     ///
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), cqrs_core::ports::TransportError> {
+    /// # async fn main() -> Result<(), cqrs_realtime::RevocationError> {
     /// // Two instances' hubs on one pub/sub (Redis's `RedisPubSub` across processes).
     /// let pubsub = Arc::new(InMemoryPubSub::new());
     /// let hub = |pubsub: Arc<InMemoryPubSub>| {
@@ -822,14 +834,22 @@ impl<P: Send + Sync + 'static> Hub<P> {
     /// # Ok(())
     /// # }
     /// ```
-    pub async fn close_connections_everywhere(&self, key: &str) -> Result<usize, TransportError> {
+    pub async fn close_connections_everywhere(&self, key: &str) -> Result<usize, RevocationError> {
         let closed = self.close_connections_of(key);
         let channel = crate::revocation::channel(&self.inner.options.channel_prefix);
-        self.inner
+        match self
+            .inner
             .pubsub
             .publish(&channel, crate::revocation::message(key))
-            .await?;
-        Ok(closed)
+            .await
+        {
+            Ok(()) => Ok(closed),
+            Err(source) => Err(RevocationError {
+                closed_here: closed,
+                channel,
+                source,
+            }),
+        }
     }
 
     /// Closes every connection with code 1001 and refuses new handshakes with 503. The
@@ -848,6 +868,15 @@ impl<P: Send + Sync + 'static> Hub<P> {
         self.connections_closed().await;
         if self.inner.is_stopping() {
             self.inner.upstreams.end_lingering().await;
+            if self.inner.started.get().is_some() {
+                // The revocation listener's subscription too: it ends once the hub's own stop
+                // (which a stopping hub triggers) reaches it.
+                let mut listening = self.inner.revocations.subscribe();
+                // The sender lives in the hub: this wait ends with the listener's `Stopped`.
+                let _ = listening
+                    .wait_for(|state| *state == Listening::Stopped)
+                    .await;
+            }
         }
     }
 
@@ -889,6 +918,23 @@ impl<P> fmt::Debug for HubBuilder<P> {
             .field("options", &self.options)
             .finish_non_exhaustive()
     }
+}
+
+/// [`Hub::close_connections_everywhere`] closed this hub's connections of the principal, but
+/// could not publish the revocation for the other instances.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "closed {closed_here} connection(s) of the principal here, but could not publish the revocation on `{channel}` for the other instances: {source}; call it again (closing is idempotent)"
+)]
+#[non_exhaustive]
+pub struct RevocationError {
+    /// How many connections it closed on this hub.
+    pub closed_here: usize,
+    /// The pub/sub channel it published on.
+    pub channel: String,
+    /// The pub/sub's error.
+    #[source]
+    pub source: TransportError,
 }
 
 /// The hub could not be built; every problem is listed.

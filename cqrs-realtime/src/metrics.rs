@@ -35,6 +35,17 @@ pub mod names {
     pub const PUSH_FAILURES: &str = "realtime_push_failures_total";
     /// Counter: events sent by replays (resumed subscriptions).
     pub const REPLAYED_EVENTS: &str = "realtime_replayed_events_total";
+    /// Counter: connections closed with 1008 because their principal was revoked, labelled
+    /// `origin` = `local` (this hub's `close_connections_of` or
+    /// `close_connections_everywhere`) or `remote` (a revocation another instance published).
+    pub const REVOKED_CLOSES: &str = "realtime_revoked_closes_total";
+    /// Counter: messages the hub's revocation listener missed (it fell behind, or the pub/sub
+    /// dropped them, as across a reconnect): revocations of other instances it may not have
+    /// acted on.
+    pub const REVOCATIONS_MISSED: &str = "realtime_revocations_missed_total";
+    /// Gauge: 1 while the hub's revocation listener is subscribed, 0 while it is not (yet, or
+    /// again: its pub/sub unreachable).
+    pub const REVOCATIONS_LISTENING: &str = "realtime_revocations_listening";
 }
 
 /// A snapshot of a hub's counters since it was built: for tests, health pages and logs. The
@@ -62,6 +73,13 @@ pub struct HubStats {
     pub missed_notices: u64,
     /// Events sent by replays.
     pub replayed_events: u64,
+    /// Connections closed because their principal was revoked, here or by another instance.
+    pub revoked_closes: u64,
+    /// Messages the revocation listener missed.
+    pub revocations_missed: u64,
+    /// Whether the revocation listener is subscribed now: revocations other instances publish
+    /// reach this hub (false before the first handshake, and while its pub/sub is away).
+    pub revocations_listening: bool,
 }
 
 /// Handles resolved once, when the hub is built: the hot paths (a frame written, an event
@@ -80,6 +98,10 @@ pub(crate) struct Metrics {
     upstream_missed: Counter,
     missed_notices: Counter,
     replayed: Counter,
+    revoked_local: Counter,
+    revoked_remote: Counter,
+    revocations_missed: Counter,
+    revocations_listening: Gauge,
     stats: Stats,
 }
 
@@ -95,6 +117,9 @@ struct Stats {
     upstream_missed: AtomicU64,
     missed_notices: AtomicU64,
     replayed: AtomicU64,
+    revoked: AtomicU64,
+    revocations_missed: AtomicU64,
+    revocations_listening: std::sync::atomic::AtomicBool,
 }
 
 impl Metrics {
@@ -109,6 +134,10 @@ impl Metrics {
             upstream_missed: metrics::counter!(names::UPSTREAM_MISSED),
             missed_notices: metrics::counter!(names::MISSED_NOTICES),
             replayed: metrics::counter!(names::REPLAYED_EVENTS),
+            revoked_local: metrics::counter!(names::REVOKED_CLOSES, "origin" => "local"),
+            revoked_remote: metrics::counter!(names::REVOKED_CLOSES, "origin" => "remote"),
+            revocations_missed: metrics::counter!(names::REVOCATIONS_MISSED),
+            revocations_listening: metrics::gauge!(names::REVOCATIONS_LISTENING),
             stats: Stats::default(),
         }
     }
@@ -181,6 +210,32 @@ impl Metrics {
         self.replayed.increment(events);
     }
 
+    /// `connections` closed for a revocation, made here (`remote` false) or by another
+    /// instance.
+    pub(crate) fn revoked(&self, connections: u64, remote: bool) {
+        self.stats.revoked.fetch_add(connections, Ordering::Relaxed);
+        if remote {
+            self.revoked_remote.increment(connections);
+        } else {
+            self.revoked_local.increment(connections);
+        }
+    }
+
+    pub(crate) fn revocations_missed(&self, messages: u64) {
+        self.stats
+            .revocations_missed
+            .fetch_add(messages, Ordering::Relaxed);
+        self.revocations_missed.increment(messages);
+    }
+
+    pub(crate) fn revocations_listening(&self, listening: bool) {
+        self.stats
+            .revocations_listening
+            .store(listening, Ordering::Relaxed);
+        self.revocations_listening
+            .set(if listening { 1.0 } else { 0.0 });
+    }
+
     pub(crate) fn snapshot(&self) -> HubStats {
         let s = &self.stats;
         HubStats {
@@ -194,6 +249,9 @@ impl Metrics {
             upstream_missed: s.upstream_missed.load(Ordering::Relaxed),
             missed_notices: s.missed_notices.load(Ordering::Relaxed),
             replayed_events: s.replayed.load(Ordering::Relaxed),
+            revoked_closes: s.revoked.load(Ordering::Relaxed),
+            revocations_missed: s.revocations_missed.load(Ordering::Relaxed),
+            revocations_listening: s.revocations_listening.load(Ordering::Relaxed),
         }
     }
 }

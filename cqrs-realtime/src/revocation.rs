@@ -3,10 +3,12 @@
 //! there, so each instance closes the connections it holds of a revoked principal.
 
 use crate::connections::Connections;
+use crate::metrics::Metrics;
 use crate::signal::Ending;
-use cqrs_core::ports::PubSub;
+use cqrs_core::ports::{PubSub, Subscription};
 use cqrs_core::runtime::Shutdown;
 use serde::{Deserialize, Serialize};
+use std::ops::ControlFlow;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -41,89 +43,151 @@ pub(crate) fn message(key: &str) -> Arc<str> {
     Arc::from(serde_json::to_string(&revocation).expect("a revocation serializes"))
 }
 
-/// Where the hub's listener stands; handshakes wait while it is [`Starting`](Self::Starting),
-/// so a connection a revocation published after its handshake must close is never missed by
-/// a listener that had not subscribed yet.
+/// Where the hub's listener stands. Handshakes wait while it is [`Starting`](Self::Starting),
+/// so a connection open when a revocation is published is not missed for want of a listener
+/// that had not subscribed yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Listening {
-    /// Its first subscribe is on its way.
+    /// Its first subscribe is on its way (or it has not started: no handshake yet).
     Starting,
     /// Subscribed: every revocation published from now on reaches it (pub/sub is
     /// at-most-once: unless it is lost, as realtime.md says).
     Yes,
-    /// Its subscribe failed, or the pub/sub shut down: it tries again.
+    /// A subscribe failed or took longer than the hub's `operation_timeout`, or the pub/sub
+    /// ended the subscription: it tries again.
     Retrying,
+    /// The hub stopped, and the listener's subscription is gone.
+    Stopped,
 }
 
-/// Listens for revocations on `channel` until `stopped` is requested or the connections are
-/// gone with their hub, closing the connections of each revoked key; subscribes again, with
-/// a growing delay, when subscribing fails or the pub/sub ends the subscription.
-pub(crate) async fn listen(
-    connections: Weak<Connections>,
-    pubsub: Arc<dyn PubSub>,
-    channel: String,
-    state: watch::Sender<Listening>,
-    stopped: Shutdown,
-) {
-    let mut delay = FIRST_RETRY_DELAY;
-    loop {
-        let subscribed = tokio::select! {
-            subscribed = pubsub.subscribe(&channel) => subscribed,
-            () = stopped.requested() => return,
-        };
-        match subscribed {
-            Ok(mut subscription) => {
-                state.send_replace(Listening::Yes);
-                delay = FIRST_RETRY_DELAY;
-                let mut missed = 0;
-                loop {
-                    let message = tokio::select! {
-                        message = subscription.recv() => message,
-                        () = stopped.requested() => return,
-                    };
-                    let Some(message) = message else { break };
-                    if subscription.missed() > missed {
-                        tracing::warn!(
-                            channel = %channel,
-                            missed = subscription.missed() - missed,
-                            "revocations were missed (the listener fell behind, or the pub/sub \
-                             dropped them): connections of those principals may stay open here \
-                             until their credentials expire"
-                        );
-                        missed = subscription.missed();
-                    }
-                    let Some(connections) = connections.upgrade() else {
+/// How often the listener looks whether its subscription missed messages, when none comes
+/// to show it (a reconnect of the pub/sub loses what was published meanwhile).
+const MISSED_CHECK: Duration = Duration::from_secs(5);
+
+/// What the listener needs of its hub.
+pub(crate) struct Listener {
+    pub(crate) connections: Weak<Connections>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) pubsub: Arc<dyn PubSub>,
+    pub(crate) channel: String,
+    /// How long a subscribe may take before it counts as failed.
+    pub(crate) subscribe_timeout: Duration,
+    pub(crate) state: watch::Sender<Listening>,
+    pub(crate) stopped: Shutdown,
+}
+
+impl Listener {
+    /// Listens for revocations until the hub stops or is gone, closing the connections of each
+    /// revoked key; subscribes again, with a growing delay, when a subscribe fails or the
+    /// pub/sub ends the subscription. Ends [`Stopped`](Listening::Stopped), its subscription
+    /// dropped.
+    pub(crate) async fn run(self) {
+        self.listen().await;
+        self.set(Listening::Stopped);
+    }
+
+    fn set(&self, state: Listening) {
+        self.state.send_replace(state);
+        self.metrics.revocations_listening(state == Listening::Yes);
+    }
+
+    async fn listen(&self) {
+        let mut delay = FIRST_RETRY_DELAY;
+        loop {
+            let subscribe =
+                tokio::time::timeout(self.subscribe_timeout, self.pubsub.subscribe(&self.channel));
+            let subscribed = tokio::select! {
+                biased;
+                () = self.stopped.requested() => return,
+                subscribed = subscribe => subscribed,
+            };
+            match subscribed {
+                Ok(Ok(mut subscription)) => {
+                    self.set(Listening::Yes);
+                    delay = FIRST_RETRY_DELAY;
+                    if self.take(&mut subscription).await.is_break() {
                         return;
-                    };
-                    revoke(&connections, &channel, &message.payload);
+                    }
+                    tracing::warn!(
+                        channel = %self.channel,
+                        "the pub/sub ended the subscription to revocations; subscribing again"
+                    );
                 }
-                tracing::warn!(
-                    channel = %channel,
-                    "the pub/sub ended the subscription to revocations; subscribing again"
-                );
-            }
-            Err(error) => {
-                tracing::warn!(
-                    channel = %channel,
+                Ok(Err(error)) => tracing::warn!(
+                    channel = %self.channel,
                     error = %error,
                     retry_in_ms = delay.as_millis() as u64,
                     "could not subscribe to revocations: connections revoked on other \
                      instances stay open here until this succeeds"
-                );
+                ),
+                Err(_) => tracing::warn!(
+                    channel = %self.channel,
+                    timeout_ms = self.subscribe_timeout.as_millis() as u64,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "subscribing to revocations took longer than the hub's operation timeout: \
+                     connections revoked on other instances stay open here until it succeeds"
+                ),
+            }
+            self.set(Listening::Retrying);
+            tokio::select! {
+                biased;
+                () = self.stopped.requested() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(MAX_RETRY_DELAY);
+        }
+    }
+
+    /// Acts on the subscription's messages until the pub/sub ends it (`Continue`: subscribe
+    /// again) or the hub stops or is gone (`Break`).
+    async fn take(&self, subscription: &mut Subscription) -> ControlFlow<()> {
+        let mut missed = subscription.missed();
+        let mut check = tokio::time::interval(MISSED_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let message = tokio::select! {
+                biased;
+                () = self.stopped.requested() => return ControlFlow::Break(()),
+                message = subscription.recv() => message,
+                _ = check.tick() => {
+                    missed = self.report_missed(subscription, missed);
+                    continue;
+                }
+            };
+            missed = self.report_missed(subscription, missed);
+            let Some(message) = message else {
+                return ControlFlow::Continue(());
+            };
+            let Some(connections) = self.connections.upgrade() else {
+                return ControlFlow::Break(());
+            };
+            let closed = revoke(&connections, &self.channel, &message.payload);
+            if closed > 0 {
+                self.metrics.revoked(closed as u64, true);
             }
         }
-        state.send_replace(Listening::Retrying);
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = stopped.requested() => return,
+    }
+
+    /// Counts and logs what the subscription missed since `before`; returns its count now.
+    fn report_missed(&self, subscription: &Subscription, before: u64) -> u64 {
+        let now = subscription.missed();
+        if now > before {
+            self.metrics.revocations_missed(now - before);
+            tracing::warn!(
+                channel = %self.channel,
+                missed = now - before,
+                "revocations were missed (the listener fell behind, or the pub/sub dropped \
+                 them, as across a reconnect): connections of those principals may stay open \
+                 here until their credentials expire"
+            );
         }
-        delay = (delay * 2).min(MAX_RETRY_DELAY);
+        now
     }
 }
 
-/// Closes the connections a received revocation names; a message that is not one is logged
-/// and ignored.
-fn revoke(connections: &Connections, channel: &str, payload: &str) {
+/// Closes the connections a received revocation names, and returns how many; a message that
+/// is not one is logged and ignored.
+fn revoke(connections: &Connections, channel: &str, payload: &str) -> usize {
     match serde_json::from_str::<Revocation<'_>>(payload) {
         Ok(revocation) => {
             let closed = connections.close_keyed(&revocation.close_connections_of, Ending::REVOKED);
@@ -133,12 +197,16 @@ fn revoke(connections: &Connections, channel: &str, payload: &str) {
                     "closed a principal's connections revoked by another instance"
                 );
             }
+            closed
         }
-        Err(error) => tracing::warn!(
-            channel = %channel,
-            error = %error,
-            "ignored a message on the revocation channel that is not a revocation"
-        ),
+        Err(error) => {
+            tracing::warn!(
+                channel = %channel,
+                error = %error,
+                "ignored a message on the revocation channel that is not a revocation"
+            );
+            0
+        }
     }
 }
 

@@ -19,7 +19,9 @@ const FIRST_POLL_DELAY: Duration = Duration::from_millis(2);
 /// It reads the projection's committed checkpoint
 /// ([`ProjectionStore::committed_checkpoint`]), which its runner saves in the unit of work
 /// that applies the events: once the checkpoint is at or past a position, every event up to
-/// it has taken effect in the model, committed. Any instance can wait, not only the one whose
+/// it has been through the runner, committed: applied to the model, or passed over (a type
+/// the projection does not take; one [`skip_after`](super::ProjectionRunner::skip_after) gave
+/// up on, which it logs at `error` and counts in `cqrs_projection_skipped_total`). Any instance can wait, not only the one whose
 /// runner is active, and the wait takes no lock. Reads come quickly at first (2 ms apart,
 /// doubling) then every [`poll_interval`](Self::poll_interval) (50 ms by default).
 ///
@@ -36,7 +38,7 @@ const FIRST_POLL_DELAY: Duration = Duration::from_millis(2);
 /// use cqrs_core::Position;
 /// use cqrs_core::memory::InMemoryProjectionStore;
 /// use cqrs_core::ports::ProjectionStore;
-/// use cqrs_core::projection::{ProjectionWatch, WaitError};
+/// use cqrs_core::projection::{ProjectionWatch, WatchError};
 /// use std::sync::Arc;
 /// use std::time::Duration;
 ///
@@ -52,7 +54,7 @@ const FIRST_POLL_DELAY: Duration = Duration::from_millis(2);
 /// watch.wait_for(Position::new(7), Duration::from_secs(2)).await.unwrap();
 /// // Position 8 is not applied: the wait gives up, saying where the projection stands.
 /// let err = watch.wait_for(Position::new(8), Duration::from_millis(20)).await.unwrap_err();
-/// assert!(matches!(err, WaitError::TimedOut { reached: Some(p), .. } if p == Position::new(7)));
+/// assert!(matches!(err, WatchError::TimedOut { reached: Some(p), .. } if p == Position::new(7)));
 /// # });
 /// ```
 pub struct ProjectionWatch<S> {
@@ -83,7 +85,7 @@ impl<S> fmt::Debug for ProjectionWatch<S> {
 /// [`ProjectionWatch::wait_for`] gave up.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum WaitError {
+pub enum WatchError {
     /// The projection had not reached the position when the time was up: its runner is
     /// behind, stopped, stuck at an event, or not running anywhere (or the store was away
     /// all along: `last_error`).
@@ -103,7 +105,8 @@ pub enum WaitError {
         reached: Option<Position>,
         /// How long it waited.
         within: Duration,
-        /// The error of the last read, when it failed (retryable: the wait went on).
+        /// The error of the last read, when it failed (retryable: the wait went on), or got no
+        /// answer in time (a [`StoreError::Timeout`]).
         last_error: Option<StoreError>,
     },
     /// The store refused to read the checkpoint for good (a missing table, a permission).
@@ -129,10 +132,10 @@ impl<S: ProjectionStore> ProjectionWatch<S> {
         }
     }
 
-    /// The longest wait between two reads of the checkpoint. Default 50 ms. Shorter answers
-    /// sooner and costs the store more reads.
+    /// The longest wait between two reads of the checkpoint. Default 50 ms; held within 1 ms
+    /// and a minute. Shorter answers sooner and costs the store more reads.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
-        self.poll_interval = interval.max(Duration::from_millis(1));
+        self.poll_interval = interval.clamp(Duration::from_millis(1), Duration::from_secs(60));
         self
     }
 
@@ -143,48 +146,54 @@ impl<S: ProjectionStore> ProjectionWatch<S> {
 
     /// Where the projection stands now: its committed checkpoint, `None` before it applied
     /// anything (or while a rebuild runs).
-    pub async fn position(&self) -> Result<Option<Position>, StoreError> {
+    pub async fn checkpoint(&self) -> Result<Option<Position>, StoreError> {
         self.store.committed_checkpoint(&self.projection).await
     }
 
     /// Whether the projection has taken effect up to `position`, now.
     pub async fn reached(&self, position: Position) -> Result<bool, StoreError> {
-        Ok(self.position().await?.is_some_and(|at| at >= position))
+        Ok(self.checkpoint().await?.is_some_and(|at| at >= position))
     }
 
     /// Waits until the projection has taken effect up to `position`: `Ok` as soon as a read
-    /// shows it, [`WaitError::TimedOut`] after `within` (and a last read, given up to one
+    /// shows it, [`WatchError::TimedOut`] after `within` (and a last read, given up to one
     /// [`poll_interval`](Self::poll_interval) to answer). A read the store failed in passing
     /// ([`ErrorKind::is_retryable`](crate::ErrorKind::is_retryable)) is tried again within
-    /// the time; one it refused for good ends the wait with [`WaitError::Store`].
-    pub async fn wait_for(&self, position: Position, within: Duration) -> Result<(), WaitError> {
-        let deadline = tokio::time::Instant::now() + within;
+    /// the time; one it refused for good ends the wait with [`WatchError::Store`].
+    pub async fn wait_for(&self, position: Position, within: Duration) -> Result<(), WatchError> {
+        let start = tokio::time::Instant::now();
+        // A `within` too long to add (`Duration::MAX`, meaning no limit) waits a year.
+        let deadline = start
+            .checked_add(within)
+            .unwrap_or_else(|| start + Duration::from_secs(365 * 24 * 3600));
         let mut delay = FIRST_POLL_DELAY.min(self.poll_interval);
         let mut reached = None;
-        let mut last_error = None;
         loop {
             // A read that does not answer in time counts as one that failed in passing.
             let bound = deadline.max(tokio::time::Instant::now() + self.poll_interval);
-            match tokio::time::timeout_at(bound, self.position()).await {
+            let last_error = match tokio::time::timeout_at(bound, self.checkpoint()).await {
                 Ok(Ok(at)) => {
                     if at.is_some_and(|at| at >= position) {
                         return Ok(());
                     }
                     reached = at;
-                    last_error = None;
+                    None
                 }
-                Ok(Err(error)) if error.kind().is_retryable() => last_error = Some(error),
+                Ok(Err(error)) if error.kind().is_retryable() => Some(error),
                 Ok(Err(error)) => {
-                    return Err(WaitError::Store {
+                    return Err(WatchError::Store {
                         projection: self.projection.to_string(),
                         source: error,
                     });
                 }
-                Err(_) => {}
-            }
+                Err(_) => Some(StoreError::Timeout {
+                    backend: "projection store",
+                    source: "the checkpoint read got no answer in time".into(),
+                }),
+            };
             let now = tokio::time::Instant::now();
             if now >= deadline {
-                return Err(WaitError::TimedOut {
+                return Err(WatchError::TimedOut {
                     projection: self.projection.to_string(),
                     wanted: position,
                     reached,

@@ -7,7 +7,7 @@ use cqrs_core::ports::{
     Consumer, ConsumerOptions, Delivery, DeliveryId, EventStore, EventTransport, ProjectionStore,
     StoreError, TransportCapabilities, TransportError,
 };
-use cqrs_core::projection::{Projection, ProjectionError, ProjectionRunner, WaitError};
+use cqrs_core::projection::{Projection, ProjectionError, ProjectionRunner, WatchError};
 use cqrs_core::testing::{MetricCounts, eventually};
 use cqrs_core::{
     DecodeError, EventEnvelope, EventRecord, EventTypes, ExpectedVersion, HandlerError, Metadata,
@@ -248,7 +248,7 @@ fn a_watch_waits_until_the_projection_took_effect_up_to_a_write() {
             !watch.reached(written).await.unwrap(),
             "the runner has not run"
         );
-        assert_eq!(watch.position().await.unwrap(), None);
+        assert_eq!(watch.checkpoint().await.unwrap(), None);
         // The runner goes on while the wait polls: the wait ends once it committed, with the
         // write in the model.
         let (seen, ran) = tokio::join!(
@@ -266,7 +266,7 @@ fn a_watch_waits_until_the_projection_took_effect_up_to_a_write() {
         );
         assert_eq!(seen, 3, "the write shows in the model when the wait ends");
         assert_eq!(ran.unwrap(), 2);
-        assert_eq!(watch.position().await.unwrap(), Some(written));
+        assert_eq!(watch.checkpoint().await.unwrap(), Some(written));
         // An earlier position is reached too; a later one is not, until the runner gets there.
         assert!(watch.reached(Position::new(1)).await.unwrap());
         let later = Position::new(written.get() + 1);
@@ -295,7 +295,7 @@ async fn a_watch_gives_up_in_time_retries_a_store_away_and_stops_at_a_refusal() 
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, WaitError::TimedOut { reached: Some(p), last_error: None, .. } if *p == Position::new(4)),
+        matches!(&err, WatchError::TimedOut { reached: Some(p), last_error: None, .. } if *p == Position::new(4)),
         "{err:?}"
     );
     assert!(err.to_string().contains("stands at 4"), "{err}");
@@ -330,7 +330,7 @@ async fn a_watch_gives_up_in_time_retries_a_store_away_and_stops_at_a_refusal() 
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, WaitError::TimedOut { last_error: Some(e), .. } if e.kind() == ErrorKind::Unavailable),
+        matches!(&err, WatchError::TimedOut { last_error: Some(e), .. } if e.kind() == ErrorKind::Unavailable),
         "{err:?}"
     );
     store.down.store(false, Ordering::SeqCst);
@@ -344,8 +344,37 @@ async fn a_watch_gives_up_in_time_retries_a_store_away_and_stops_at_a_refusal() 
         .wait_for(Position::new(1), Duration::from_secs(60))
         .await
         .unwrap_err();
-    assert!(matches!(err, WaitError::Store { .. }), "{err:?}");
+    assert!(matches!(err, WatchError::Store { .. }), "{err:?}");
     assert_eq!(started.elapsed(), Duration::ZERO, "no wait after a refusal");
+
+    // No limit, `Duration::MAX`, is taken as such (no overflow).
+    watch
+        .wait_for(Position::new(6), Duration::MAX)
+        .await
+        .unwrap();
+
+    // A store that never answers: the wait ends in its time (and one poll interval for the
+    // last read), saying the reads got no answer.
+    let hanging = Arc::new(Flaky {
+        hangs: true,
+        ..Flaky::default()
+    });
+    let started = tokio::time::Instant::now();
+    let err = cqrs_core::projection::ProjectionWatch::new(hanging, "sum")
+        .poll_interval(Duration::from_millis(100))
+        .wait_for(Position::new(1), Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, WatchError::TimedOut { reached: None, last_error: Some(e), .. } if e.kind() == ErrorKind::Timeout),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("no answer"), "{err}");
+    assert!(
+        started.elapsed() <= Duration::from_millis(1100),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// A batch of types the projection does not register applies nothing: `run_once` returns 0
@@ -1378,6 +1407,9 @@ impl ProjectionStore for Flaky {
     }
 
     async fn committed_checkpoint(&self, consumer: &str) -> Result<Option<Position>, StoreError> {
+        if self.hangs {
+            std::future::pending::<()>().await;
+        }
         // Its tables missing: a read is refused too.
         if self.refusing == Some(Refusing::EveryWrite) {
             return Err(missing_table());

@@ -503,6 +503,6 @@ pg_test! {
         );
         assert_eq!(seen, 1, "the write is in the model once the wait ends");
         assert_eq!(ran.unwrap(), 1);
-        assert_eq!(watch.position().await.unwrap(), Some(written));
+        assert_eq!(watch.checkpoint().await.unwrap(), Some(written));
     }
 }

@@ -32,11 +32,14 @@ pub(crate) async fn scenario(a: Arc<dyn PubSub>, b: Arc<dyn PubSub>, options: Hu
     let mut second_on_b = b.connect("agent-a").await;
     let mut other_on_b = b.connect("agent-b").await;
 
+    assert!(a.hub.stats().revocations_listening && b.hub.stats().revocations_listening);
     let closed_here = a.hub.close_connections_everywhere("a").await.unwrap();
     assert_eq!(closed_here, 1, "the connection on a");
     for client in [&mut on_a, &mut on_b, &mut second_on_b] {
         assert_eq!(client.close_frame(100).await, revoked());
     }
+    assert_eq!(a.hub.stats().revoked_closes, 1, "a's own");
+    assert_eq!(b.hub.stats().revoked_closes, 2, "b's, revoked by a");
     other_on_b.subscribe("tickets").await;
     a.publish("t1", "u1", 1).await;
     assert_eq!(
@@ -155,42 +158,145 @@ async fn a_revocation_that_cannot_be_published_still_closes_the_local_connection
         let mut client = t.connect("agent-a").await;
         pubsub.publish_fails.store(true, Ordering::SeqCst);
         let err = t.hub.close_connections_everywhere("a").await.unwrap_err();
-        assert!(matches!(err, TransportError::Unavailable { .. }), "{err}");
+        assert!(
+            matches!(err.source, TransportError::Unavailable { .. }),
+            "{err}"
+        );
+        assert_eq!(err.closed_here, 1);
+        assert!(err.to_string().contains("realtime:#revocations"), "{err}");
         assert_eq!(client.close_frame(100).await, revoked());
     })
     .await;
 }
 
 /// A listener whose subscribes fail tries again until one succeeds, and then hears
-/// revocations; handshakes meanwhile are not held for it.
+/// revocations; handshakes meanwhile are not held for it (not for the two minutes of the
+/// hub's operation timeout, past the test's limit).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_whose_subscribes_fail_subscribes_again() {
     with_timeout(TEST_LIMIT, async {
         let pubsub = Faulty::new();
-        pubsub.failing_subscribes.store(3, Ordering::SeqCst);
-        // The handshakes' wait is bounded by this: a long one, so a handshake held for the
-        // failing listener would show in the test's time limit.
+        pubsub
+            .failing_subscribes
+            .store(usize::MAX, Ordering::SeqCst);
         let options = HubOptions::new().operation_timeout(Duration::from_secs(120));
         let t = TestHub::start_on(pubsub.clone(), options, |b| b).await;
         let mut client = t.connect("agent-a").await;
         let _second = t.connect("agent-b").await;
-        eventually(Duration::from_secs(20), "a fourth subscribe", || async {
-            (pubsub.subscribes.load(Ordering::SeqCst) >= 4).then_some(())
-        })
+        eventually(
+            Duration::from_secs(20),
+            "a second failed subscribe",
+            || async { (pubsub.subscribes.load(Ordering::SeqCst) >= 2).then_some(()) },
+        )
         .await;
-        // Listening now (the fourth went through), as another instance's revocation shows:
-        // published straight on the channel, since this hub's own call closes locally.
-        let revocation = Arc::from(r#"{"close_connections_of":"a"}"#);
-        eventually(Duration::from_secs(10), "the listener took it", || async {
+        assert!(!t.hub.stats().revocations_listening);
+        pubsub.failing_subscribes.store(0, Ordering::SeqCst);
+        eventually(
+            Duration::from_secs(20),
+            "the listener subscribed",
+            || async { t.hub.stats().revocations_listening.then_some(()) },
+        )
+        .await;
+        // Another instance's revocation, published straight on the channel (this hub's own
+        // call closes locally).
+        pubsub
+            .inner
+            .publish(
+                "realtime:#revocations",
+                Arc::from(r#"{"close_connections_of":"a"}"#),
+            )
+            .await
+            .unwrap();
+        assert_eq!(client.close_frame(100).await, revoked());
+        assert_eq!(t.hub.stats().connections, 1);
+    })
+    .await;
+}
+
+/// A first subscribe that never answers holds handshakes for the hub's operation timeout,
+/// no longer: it counts as failed then, and the listener tries again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_subscribe_that_hangs_holds_handshakes_for_the_operation_timeout_only() {
+    with_timeout(TEST_LIMIT, async {
+        let pubsub = Faulty::new();
+        pubsub.gate.send_replace(false);
+        let options = HubOptions::new().operation_timeout(Duration::from_millis(300));
+        let t = TestHub::start_on(pubsub.clone(), options, |b| b).await;
+        let started = tokio::time::Instant::now();
+        let mut client = t.connect("agent-a").await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "the handshake waited for the first subscribe's time"
+        );
+        assert!(!t.hub.stats().revocations_listening);
+        pubsub.gate.send_replace(true);
+        eventually(
+            Duration::from_secs(20),
+            "the listener subscribed",
+            || async { t.hub.stats().revocations_listening.then_some(()) },
+        )
+        .await;
+        pubsub
+            .inner
+            .publish(
+                "realtime:#revocations",
+                Arc::from(r#"{"close_connections_of":"a"}"#),
+            )
+            .await
+            .unwrap();
+        assert_eq!(client.close_frame(100).await, revoked());
+    })
+    .await;
+}
+
+/// A stopped hub's `closed` returns once the listener's subscription is gone too. (One
+/// thread, and no connection to wait for: only `closed` itself lets the listener run.)
+#[tokio::test]
+async fn a_closed_hub_holds_no_revocation_subscription() {
+    with_timeout(TEST_LIMIT, async {
+        let pubsub = Arc::new(InMemoryPubSub::new());
+        let t = TestHub::start_on(pubsub.clone(), HubOptions::new(), |b| b).await;
+        // A refused handshake starts the listener all the same.
+        tokio_tungstenite::connect_async(t.url("forged"))
+            .await
+            .expect_err("refused");
+        assert_eq!(pubsub.upstream_subscriptions_to("realtime:#revocations"), 1);
+        t.hub.shutdown();
+        t.hub.closed().await;
+        assert_eq!(pubsub.upstream_subscriptions_to("realtime:#revocations"), 0);
+        assert!(!t.hub.stats().revocations_listening);
+    })
+    .await;
+}
+
+/// Messages the listener missed (it fell behind the pub/sub) are counted, and it goes on.
+#[tokio::test]
+async fn revocations_the_listener_missed_are_counted() {
+    with_timeout(TEST_LIMIT, async {
+        let pubsub = Arc::new(InMemoryPubSub::with_capacity(2));
+        let t = TestHub::start_on(pubsub.clone(), HubOptions::new(), |b| b).await;
+        let mut client = t.connect("agent-a").await;
+        // Published without yielding on this one-thread runtime: the listener, not polled
+        // in between, keeps the last two.
+        for n in 0..6 {
+            let revocation = format!(r#"{{"close_connections_of":"nobody-{n}"}}"#);
             pubsub
-                .inner
-                .publish("realtime:#revocations", Arc::clone(&revocation))
+                .publish("realtime:#revocations", Arc::from(revocation))
                 .await
                 .unwrap();
-            (t.hub.stats().connections == 1).then_some(())
+        }
+        pubsub
+            .publish(
+                "realtime:#revocations",
+                Arc::from(r#"{"close_connections_of":"a"}"#),
+            )
+            .await
+            .unwrap();
+        assert_eq!(client.close_frame(100).await, revoked());
+        eventually(Duration::from_secs(10), "the misses counted", || async {
+            (t.hub.stats().revocations_missed == 5).then_some(())
         })
         .await;
-        assert_eq!(client.close_frame(100).await, revoked());
     })
     .await;
 }

@@ -23,12 +23,12 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// How long a client waits for a frame before failing the test.
 pub(crate) const FRAME_DEADLINE: Duration = Duration::from_secs(10);
 
-/// A test's time limit.
 /// The upstream subscription each hub makes, at its first handshake, to hear revocations from
 /// other instances (`Hub::close_connections_everywhere`), counted by the pub/sub with the
 /// topics' channels.
 pub(crate) const REVOCATION_LISTENER: u64 = 1;
 
+/// A test's time limit.
 pub(crate) const TEST_LIMIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
