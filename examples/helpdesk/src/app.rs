@@ -522,12 +522,22 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
             ),
         };
         let token_key = crate::deployment::token_key(secret.as_bytes())?;
+        let settings_key = crate::deployment::settings_key(
+            secret.as_bytes(),
+            &crate::deployment::SharedSettings {
+                agent_emails: &settings.agent_emails,
+                agent_code: agent_code.as_deref(),
+                login_attempts: config.login_attempts,
+                login_window_seconds: config.login_window_seconds,
+            },
+        )?;
         let joined = crate::deployment::join(
             db,
             target,
             !hooks.without_relay,
             config.bind,
             token_key,
+            settings_key,
             every,
         )
         .await?;

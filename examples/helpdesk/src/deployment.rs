@@ -52,7 +52,8 @@ pub(crate) fn migration(schema: &str) -> Migration {
                  seen_as text NOT NULL,
                  seen_at timestamptz NOT NULL DEFAULT now()
              );
-             ALTER TABLE {schema}.helpdesk_instances ADD COLUMN IF NOT EXISTS token_key text;"
+             ALTER TABLE {schema}.helpdesk_instances ADD COLUMN IF NOT EXISTS token_key text;
+             ALTER TABLE {schema}.helpdesk_instances ADD COLUMN IF NOT EXISTS settings_key text;"
         ),
     }
 }
@@ -93,6 +94,43 @@ pub(crate) fn token_key(secret: &[u8]) -> anyhow::Result<String> {
     Ok(mac.chars().take(16).collect())
 }
 
+/// The settings every instance of a schema must share besides the secret, as instances compare
+/// them: the agent list, the agent code, and the login attempts and window (the instances share
+/// one table of failed logins, which each prunes by its own window and counts against its own
+/// limit).
+pub(crate) struct SharedSettings<'a> {
+    /// `HELPDESK_AGENT_EMAILS`, as the auth plugin takes them (trimmed, empty ones dropped).
+    pub(crate) agent_emails: &'a std::collections::HashSet<String>,
+    /// `HELPDESK_AGENT_CODE` (or the random one an instance without it made: it differs).
+    pub(crate) agent_code: Option<&'a str>,
+    pub(crate) login_attempts: u32,
+    pub(crate) login_window_seconds: u64,
+}
+
+/// An id of the [`SharedSettings`]: an HMAC of them under the token secret, so instances can
+/// tell whether they share them without the agent code (or the list) leaving the process, and
+/// without a key that could be tried against guesses of the code offline.
+pub(crate) fn settings_key(secret: &[u8], settings: &SharedSettings<'_>) -> anyhow::Result<String> {
+    // Emails as the auth plugin matches them: by their lower case.
+    let mut agents: Vec<String> = settings
+        .agent_emails
+        .iter()
+        .map(|email| email.to_lowercase())
+        .collect();
+    agents.sort();
+    agents.dedup();
+    let text = serde_json::json!({
+        "agent_emails": agents,
+        "agent_code": settings.agent_code,
+        "login_attempts": settings.login_attempts,
+        "login_window_seconds": settings.login_window_seconds,
+    })
+    .to_string();
+    let key = jsonwebtoken::EncodingKey::from_secret(secret)?;
+    let mac = jsonwebtoken::crypto::sign(text.as_bytes(), &key, jsonwebtoken::Algorithm::HS256)?;
+    Ok(mac.chars().take(16).collect())
+}
+
 /// This instance's record in the schema; [`Worker`] that renews it and removes it at a stop,
 /// and reports instances that sign tokens with another secret.
 pub(crate) struct Instance {
@@ -103,6 +141,8 @@ pub(crate) struct Instance {
     seen_as: String,
     /// The id of its token secret ([`token_key`]).
     token_key: String,
+    /// The id of its shared settings ([`settings_key`]).
+    settings_key: String,
     /// How often the record is renewed.
     every: Duration,
 }
@@ -128,6 +168,7 @@ pub(crate) async fn join(
     record: bool,
     bind: std::net::SocketAddr,
     token_key: String,
+    settings_key: String,
     every: Duration,
 ) -> anyhow::Result<Joined> {
     let schema = db.schema();
@@ -237,6 +278,7 @@ pub(crate) async fn join(
         events_to,
         seen_as: seen_as(bind),
         token_key,
+        settings_key,
         every,
     };
     instance.renew(&mut *tx).await.context(failed)?;
@@ -270,8 +312,9 @@ impl Instance {
         E: sqlx::Executor<'c, Database = sqlx::Postgres>,
     {
         sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {}.helpdesk_instances (instance, events_to, seen_as, token_key)
-             VALUES ($1, $2, $3, $4)
+            "INSERT INTO {}.helpdesk_instances
+                 (instance, events_to, seen_as, token_key, settings_key)
+             VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (instance) DO UPDATE SET seen_at = now()",
             self.db.schema()
         )))
@@ -279,6 +322,7 @@ impl Instance {
         .bind(&self.events_to)
         .bind(&self.seen_as)
         .bind(&self.token_key)
+        .bind(&self.settings_key)
         .execute(executor)
         .await
         .map(drop)
@@ -306,6 +350,38 @@ impl Instance {
                  HELPDESK_JWT_SECRET ({}): the tokens and list cursors each one issues are \
                  refused by the others (401, 400) behind a shared address; give every \
                  instance the same secret",
+                seen_as.unwrap_or_default()
+            )
+        }))
+    }
+
+    /// Why logins and roles depend on the instance a request reaches: the running instances of
+    /// the schema that share its token secret (those that do not are reported by
+    /// [`other_token_keys`](Self::other_token_keys)) but not its [`SharedSettings`], or `None`
+    /// when there are none. Instances of a release before this one record none, and are not
+    /// counted.
+    async fn other_settings(&self) -> Result<Option<String>, sqlx::Error> {
+        // Cut off by the round's timeout, it gives its connection back within `answer_timeout`.
+        let mut conn = self.db.acquire().await?;
+        let (count, seen_as): (i64, Option<String>) = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT count(*), string_agg(seen_as, '; ' ORDER BY seen_as)
+             FROM {}.helpdesk_instances
+             WHERE token_key = $1 AND settings_key <> $2
+               AND seen_at > now() - make_interval(secs => $3)",
+            self.db.schema()
+        )))
+        .bind(&self.token_key)
+        .bind(&self.settings_key)
+        .bind(STALE_AFTER.as_secs() as f64)
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok((count > 0).then(|| {
+            format!(
+                "{count} other instance(s) of this schema run with other agent or login \
+                 settings ({}): a user is an agent on one request and a customer on the next, \
+                 and whether a login is refused depends on the instance it reaches; give every \
+                 instance the same HELPDESK_AGENT_EMAILS, HELPDESK_AGENT_CODE, \
+                 HELPDESK_LOGIN_ATTEMPTS and HELPDESK_LOGIN_WINDOW",
                 seen_as.unwrap_or_default()
             )
         }))
@@ -346,11 +422,13 @@ impl Instance {
         }))
     }
 
-    /// What the deployment checks find, joined: [`other_token_keys`](Self::other_token_keys)
-    /// and [`other_instances_without_redis`](Self::other_instances_without_redis).
+    /// What the deployment checks find, joined: [`other_token_keys`](Self::other_token_keys),
+    /// [`other_settings`](Self::other_settings) and
+    /// [`other_instances_without_redis`](Self::other_instances_without_redis).
     async fn deployment_findings(&self) -> Result<Option<String>, sqlx::Error> {
         let found: Vec<String> = [
             self.other_token_keys().await?,
+            self.other_settings().await?,
             self.other_instances_without_redis().await?,
         ]
         .into_iter()
@@ -366,7 +444,7 @@ impl Instance {
             // The `postgres` check reports the outage; the next round looks again.
             Err(error) => {
                 let error = cqrs_postgres::SqlxError::from(error);
-                tracing::warn!(%error, "could not compare the token secrets of the instances");
+                tracing::warn!(%error, "could not compare the settings of the instances");
                 return;
             }
         };
@@ -429,7 +507,7 @@ impl Worker for Instance {
                     tokio::time::timeout(self.every, check)
                 );
                 if checked.is_err() {
-                    tracing::warn!("comparing the token secrets of the instances got no answer");
+                    tracing::warn!("comparing the settings of the instances got no answer");
                 }
             };
             tokio::select! {
@@ -557,7 +635,53 @@ impl Worker for PrefixClaim {
 
 #[cfg(test)]
 mod tests {
-    use super::redis_server;
+    use super::{SharedSettings, redis_server, settings_key};
+    use std::collections::HashSet;
+
+    /// The settings' id ignores how the agent list is written (order, case) and changes with
+    /// each setting, and with the secret it is keyed by.
+    #[test]
+    fn the_settings_id_follows_what_the_instances_must_share() {
+        let secret = b"a-secret-that-is-at-least-32-bytes-long";
+        let emails = |list: &[&str]| list.iter().map(|e| e.to_string()).collect::<HashSet<_>>();
+        let key = |emails: &HashSet<String>, code: Option<&str>, attempts, window| {
+            settings_key(
+                secret,
+                &SharedSettings {
+                    agent_emails: emails,
+                    agent_code: code,
+                    login_attempts: attempts,
+                    login_window_seconds: window,
+                },
+            )
+            .unwrap()
+        };
+        let agents = emails(&["ann@example.com", "bob@example.com"]);
+        let base = key(&agents, Some("code"), 5, 900);
+        assert_eq!(base.len(), 16);
+        let respelled = emails(&["Bob@Example.com", "ann@example.com"]);
+        assert_eq!(key(&respelled, Some("code"), 5, 900), base);
+        for other in [
+            key(&emails(&["ann@example.com"]), Some("code"), 5, 900),
+            key(&agents, Some("another code"), 5, 900),
+            key(&agents, None, 5, 900),
+            key(&agents, Some("code"), 6, 900),
+            key(&agents, Some("code"), 5, 901),
+        ] {
+            assert_ne!(other, base);
+        }
+        let under_another_secret = settings_key(
+            b"another-secret-that-is-32-bytes-long!!",
+            &SharedSettings {
+                agent_emails: &agents,
+                agent_code: Some("code"),
+                login_attempts: 5,
+                login_window_seconds: 900,
+            },
+        )
+        .unwrap();
+        assert_ne!(under_another_secret, base);
+    }
 
     /// Spellings of one server compare equal: defaults filled in, credentials and options
     /// dropped, the host in lower case.

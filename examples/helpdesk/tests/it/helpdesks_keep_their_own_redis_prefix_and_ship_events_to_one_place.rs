@@ -253,6 +253,41 @@ async fn instances_signing_tokens_with_another_secret_are_reported() {
     .await;
 }
 
+/// Instances of one schema with other agent or login settings (here the login attempts) make
+/// a user's role, and whether a login is refused, depend on the instance a request reaches:
+/// each reports the other in `/ready`, until it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_with_other_agent_or_login_settings_are_reported() {
+    within(async {
+        let Some(backend) = Backend::postgres().await else {
+            return;
+        };
+        let a = TestServer::start_with_hooks(backend.shared(), fast_checks(), |config| {
+            config.login_attempts = 5;
+            config.ready_details = true;
+        })
+        .await;
+        let b = TestServer::start_with_hooks(backend.shared(), fast_checks(), |config| {
+            config.login_attempts = 6;
+            config.ready_details = true;
+        })
+        .await;
+        each_reports_the_other(
+            &a,
+            &b,
+            "1 other instance(s) of this schema run with other agent or login settings",
+            "give every instance the same HELPDESK_AGENT_EMAILS, HELPDESK_AGENT_CODE, \
+             HELPDESK_LOGIN_ATTEMPTS and HELPDESK_LOGIN_WINDOW",
+        )
+        .await;
+        b.stop().await;
+        component_status(&a, "instance-record", "healthy").await;
+        a.stop().await;
+        backend.clean_up().await;
+    })
+    .await;
+}
+
 /// Waits until `a` and `b` each report the other in `/ready` (`instance-record` degraded, a
 /// reason that starts with `starts`, names the other's address, and says `advice`).
 async fn each_reports_the_other(a: &TestServer, b: &TestServer, starts: &str, advice: &str) {
