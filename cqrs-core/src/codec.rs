@@ -387,25 +387,23 @@ impl EventTypes {
         self
     }
 
-    /// Adds the types and upcasters of `other` (not its policy). An upcaster `other` has for a
-    /// version this one has one for too replaces it.
+    /// Adds the types, upcasters and renames of `other` (not its policy). An upcaster `other`
+    /// has for a version this one has one for too replaces it.
     ///
     /// # Panics
     ///
     /// When a wire name is registered for different Rust types here and in `other`, as
-    /// [`register`](Self::register) does.
+    /// [`register`](Self::register) does; and when one old name is renamed to different names
+    /// here and in `other`, as [`rename`](Self::rename) does.
     pub fn merge(&mut self, other: &EventTypes) -> &mut Self {
         for (name, entry) in &other.entries {
             self.insert(name, *entry);
         }
         self.upcasters
             .extend(other.upcasters.iter().map(|(k, v)| (k.clone(), v.clone())));
-        self.renamed.extend(
-            other
-                .renamed
-                .iter()
-                .map(|(from, to)| (from.clone(), to.clone())),
-        );
+        for (from, to) in &other.renamed {
+            self.rename(from, to);
+        }
         self
     }
 
@@ -456,9 +454,19 @@ impl EventTypes {
     /// [`validate`](Self::validate) refuses a rename whose old name is registered as a type too
     /// (it would never apply) and renames that lead back to their start.
     ///
-    /// Only decoding follows it: a record read keeps its stored `event_type`, and what is
-    /// written from now on carries the new name. Keep the rename as long as events under the
-    /// old name are stored (or read from a transport).
+    /// Only decoding follows it: a record read keeps its stored `event_type` (what routes by
+    /// it, as a realtime routing, and the dead-letter and skip metrics, see the old name), and
+    /// what is written from now on carries the new name. Keep the rename as long as events
+    /// under the old name are stored (or read from a transport), and name the old one for the
+    /// build with [`register_event_type!(name = "old")`](crate::register_event_type), as for a
+    /// retired type: readers elsewhere in the build that do not take the type, under
+    /// [`UnknownEventPolicy::AwaitNewerBuild`], then pass its old events over instead of
+    /// waiting on them as a newer build's.
+    ///
+    /// # Panics
+    ///
+    /// When `from` is renamed to another name already: its events would decode as one type or
+    /// the other depending on which was given last.
     ///
     /// ```
     /// use cqrs_core::{Event, EventRecord, EventTypes, Metadata, RecordMetadata};
@@ -469,6 +477,10 @@ impl EventTypes {
     /// #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Event)]
     /// #[cqrs(name = "tickets.ticket_closed")]
     /// struct TicketClosed { ticket_id: String }
+    ///
+    /// // Its events written before are still stored: named for the build, for readers that
+    /// // do not take the type.
+    /// cqrs_core::register_event_type!(name = "tickets.closed");
     ///
     /// let mut types = EventTypes::new();
     /// types.register::<TicketClosed>().rename("tickets.closed", "tickets.ticket_closed");
@@ -481,8 +493,27 @@ impl EventTypes {
     /// assert_eq!(event.downcast_ref::<TicketClosed>(), Some(&TicketClosed { ticket_id: "t1".into() }));
     /// ```
     pub fn rename(&mut self, from: &str, to: &str) -> &mut Self {
+        if let Some(existing) = self.renamed.get(from) {
+            assert!(
+                existing == to,
+                "event type `{from}` is renamed twice: to `{existing}` and to `{to}`; keep one"
+            );
+        }
         self.renamed.insert(from.to_owned(), to.to_owned());
         self
+    }
+
+    /// The name the renames lead `event_type` to, registered here or not (itself when none
+    /// applies; at most one step per rename, so a cycle ends).
+    fn renamed_to<'a>(&'a self, event_type: &'a str) -> &'a str {
+        let mut name = event_type;
+        for _ in 0..self.renamed.len() {
+            match self.renamed.get(name) {
+                Some(next) => name = next,
+                None => break,
+            }
+        }
+        name
     }
 
     /// The name `event_type` is read as and its registration: its own, else the one renames
@@ -509,7 +540,7 @@ impl EventTypes {
         self.policy
     }
 
-    /// Whether a type with this wire name is registered.
+    /// Whether a type with this wire name is registered, or one the renames lead it to.
     pub fn knows(&self, event_type: &str) -> bool {
         self.resolve(event_type).is_some()
     }
@@ -543,13 +574,18 @@ impl EventTypes {
         submitted().contains(event_type)
     }
 
+    /// Whether this build knows `event_type`, or the name these types' renames lead it to.
+    fn of_this_build(&self, event_type: &str) -> bool {
+        Self::in_this_build(event_type) || Self::in_this_build(self.renamed_to(event_type))
+    }
+
     /// Whether a reader with these types waits on an event of this unregistered type (its
     /// policy is `Fail`, or `AwaitNewerBuild` and no part of this build knows it), rather
     /// than skipping it.
     pub(crate) fn holds_unregistered(&self, event_type: &str) -> bool {
         match self.policy {
             UnknownEventPolicy::Fail => true,
-            UnknownEventPolicy::AwaitNewerBuild => !Self::in_this_build(event_type),
+            UnknownEventPolicy::AwaitNewerBuild => !self.of_this_build(event_type),
             UnknownEventPolicy::Skip | UnknownEventPolicy::Ignore => false,
         }
     }
@@ -650,7 +686,7 @@ impl EventTypes {
                     });
                 }
                 UnknownEventPolicy::AwaitNewerBuild => {
-                    if !Self::in_this_build(&record.event_type) {
+                    if !self.of_this_build(&record.event_type) {
                         return Err(DecodeError::NotInThisBuild {
                             event_type: record.event_type.clone(),
                             schema_version: record.schema_version,

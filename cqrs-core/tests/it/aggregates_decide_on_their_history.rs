@@ -85,8 +85,6 @@ fn the_repository_loads_decides_and_appends_at_the_loaded_version() {
     });
 }
 
-/// An empty aggregate id is refused, on every way in, before anything is read or stored: it
-/// would name one stream (`total-`) shared by every command that came without an id.
 /// A stream holding events under a type's old wire name loads through a rename in the
 /// repository's types, and the next write carries the new name.
 #[test]
@@ -123,6 +121,8 @@ fn a_stream_with_events_under_an_old_type_name_loads_through_a_rename() {
     });
 }
 
+/// An empty aggregate id is refused, on every way in, before anything is read or stored: it
+/// would name one stream (`total-`) shared by every command that came without an id.
 #[test]
 fn an_empty_aggregate_id_is_refused_before_anything_is_stored() {
     run(async {

@@ -606,3 +606,36 @@ fn validate_refuses_a_rename_that_never_applies_or_never_ends() {
         "{err}"
     );
 }
+
+/// A reader under `AwaitNewerBuild` that does not take a renamed type passes its events stored
+/// under the old name over when its renames lead to a type of this build, as it passes the new
+/// name's; without the rename, or the old name listed for the build, it waits on them.
+#[test]
+fn await_newer_build_passes_over_old_names_its_renames_lead_into_the_build() {
+    let old = stored("test.derived_before_its_rename", 1, json!({}));
+    let mut without = EventTypes::new();
+    without.unknown_events(UnknownEventPolicy::AwaitNewerBuild);
+    assert!(matches!(
+        without.decode(&old),
+        Err(DecodeError::NotInThisBuild { .. })
+    ));
+    let mut renamed = without.clone();
+    renamed.rename("test.derived_before_its_rename", "test.derived_elsewhere");
+    renamed.validate().unwrap();
+    assert!(
+        !renamed.knows("test.derived_before_its_rename"),
+        "not registered here"
+    );
+    assert!(renamed.decode(&old).unwrap().is_none(), "passed over");
+}
+
+/// One old name renamed to two names is refused where the second comes, merges included.
+#[test]
+#[should_panic(expected = "event type `test.summed` is renamed twice")]
+fn one_old_name_renamed_two_ways_is_refused() {
+    let mut a = EventTypes::new();
+    a.rename("test.summed", "test.added");
+    let mut b = EventTypes::new();
+    b.rename("test.summed", "test.other");
+    a.merge(&b);
+}

@@ -99,9 +99,9 @@ pub(crate) fn token_key(secret: &[u8]) -> anyhow::Result<String> {
 /// one table of failed logins, which each prunes by its own window and counts against its own
 /// limit).
 pub(crate) struct SharedSettings<'a> {
-    /// `HELPDESK_AGENT_EMAILS`, as the auth plugin takes them (trimmed, empty ones dropped).
+    /// `HELPDESK_AGENT_EMAILS`, as the configuration gives them (trimmed, empty ones dropped).
     pub(crate) agent_emails: &'a std::collections::HashSet<String>,
-    /// `HELPDESK_AGENT_CODE` (or the random one an instance without it made: it differs).
+    /// `HELPDESK_AGENT_CODE`.
     pub(crate) agent_code: Option<&'a str>,
     pub(crate) login_attempts: u32,
     pub(crate) login_window_seconds: u64,
@@ -111,11 +111,12 @@ pub(crate) struct SharedSettings<'a> {
 /// tell whether they share them without the agent code (or the list) leaving the process, and
 /// without a key that could be tried against guesses of the code offline.
 pub(crate) fn settings_key(secret: &[u8], settings: &SharedSettings<'_>) -> anyhow::Result<String> {
-    // Emails as the auth plugin matches them: by their lower case.
+    // Emails as the auth plugin keys accounts by them, so two spellings of one list compare
+    // equal.
     let mut agents: Vec<String> = settings
         .agent_emails
         .iter()
-        .map(|email| email.to_lowercase())
+        .map(|email| helpdesk_auth::canonical_email(email))
         .collect();
     agents.sort();
     agents.dedup();
@@ -661,6 +662,10 @@ mod tests {
         assert_eq!(base.len(), 16);
         let respelled = emails(&["Bob@Example.com", "ann@example.com"]);
         assert_eq!(key(&respelled, Some("code"), 5, 900), base);
+        // One address, composed and decomposed: one account.
+        let composed = key(&emails(&["ren\u{e9}@example.com"]), Some("code"), 5, 900);
+        let decomposed = key(&emails(&["rene\u{301}@example.com"]), Some("code"), 5, 900);
+        assert_eq!(composed, decomposed);
         for other in [
             key(&emails(&["ann@example.com"]), Some("code"), 5, 900),
             key(&agents, Some("another code"), 5, 900),
