@@ -21,6 +21,27 @@ fn revoked() -> (u16, String) {
     )
 }
 
+/// Another instance's revocation of `key`'s connections, published straight on the channel of
+/// hubs with channel prefix `prefix` (a hub's own call closes its connections before it
+/// publishes, so it would not show that the listener acted).
+async fn revoke_from_elsewhere(pubsub: &dyn PubSub, prefix: &str, key: &str) {
+    let message = serde_json::json!({ "close_connections_of": key }).to_string();
+    pubsub
+        .publish(&format!("{prefix}#revocations"), Arc::from(message))
+        .await
+        .unwrap();
+}
+
+/// Waits until `t`'s revocation listener is subscribed.
+async fn listening(t: &TestHub) {
+    eventually(
+        Duration::from_secs(20),
+        "the listener subscribed",
+        || async { t.hub.stats().revocations_listening.then_some(()) },
+    )
+    .await;
+}
+
 /// Hubs `a` and `b` (two instances): a revocation through `a` closes the principal's
 /// connections on both, `a` counting its own, and leaves another principal's on `b` open and
 /// receiving what `a` publishes.
@@ -77,13 +98,7 @@ async fn a_hub_of_another_prefix_keeps_its_connections() {
         let mut marker = b.connect("agent-c").await;
         assert_eq!(a.hub.close_connections_everywhere("a").await.unwrap(), 1);
         // Then a revocation on b's own channel: once b acted on it, b took what came before.
-        pubsub
-            .publish(
-                "other-app:#revocations",
-                Arc::from(r#"{"close_connections_of":"c"}"#),
-            )
-            .await
-            .unwrap();
+        revoke_from_elsewhere(&*pubsub, "other-app:", "c").await;
         assert_eq!(marker.close_frame(100).await, revoked());
         assert_eq!(
             b.hub.close_connections_of("a"),
@@ -191,22 +206,8 @@ async fn a_listener_whose_subscribes_fail_subscribes_again() {
         .await;
         assert!(!t.hub.stats().revocations_listening);
         pubsub.failing_subscribes.store(0, Ordering::SeqCst);
-        eventually(
-            Duration::from_secs(20),
-            "the listener subscribed",
-            || async { t.hub.stats().revocations_listening.then_some(()) },
-        )
-        .await;
-        // Another instance's revocation, published straight on the channel (this hub's own
-        // call closes locally).
-        pubsub
-            .inner
-            .publish(
-                "realtime:#revocations",
-                Arc::from(r#"{"close_connections_of":"a"}"#),
-            )
-            .await
-            .unwrap();
+        listening(&t).await;
+        revoke_from_elsewhere(&pubsub.inner, "realtime:", "a").await;
         assert_eq!(client.close_frame(100).await, revoked());
         assert_eq!(t.hub.stats().connections, 1);
     })
@@ -230,20 +231,8 @@ async fn a_first_subscribe_that_hangs_holds_handshakes_for_the_operation_timeout
         );
         assert!(!t.hub.stats().revocations_listening);
         pubsub.gate.send_replace(true);
-        eventually(
-            Duration::from_secs(20),
-            "the listener subscribed",
-            || async { t.hub.stats().revocations_listening.then_some(()) },
-        )
-        .await;
-        pubsub
-            .inner
-            .publish(
-                "realtime:#revocations",
-                Arc::from(r#"{"close_connections_of":"a"}"#),
-            )
-            .await
-            .unwrap();
+        listening(&t).await;
+        revoke_from_elsewhere(&pubsub.inner, "realtime:", "a").await;
         assert_eq!(client.close_frame(100).await, revoked());
     })
     .await;
@@ -285,13 +274,7 @@ async fn revocations_the_listener_missed_are_counted() {
                 .await
                 .unwrap();
         }
-        pubsub
-            .publish(
-                "realtime:#revocations",
-                Arc::from(r#"{"close_connections_of":"a"}"#),
-            )
-            .await
-            .unwrap();
+        revoke_from_elsewhere(&*pubsub, "realtime:", "a").await;
         assert_eq!(client.close_frame(100).await, revoked());
         eventually(Duration::from_secs(10), "the misses counted", || async {
             (t.hub.stats().revocations_missed == 5).then_some(())
@@ -327,14 +310,7 @@ async fn the_first_handshake_waits_for_the_listener() {
         );
         pubsub.gate.send_replace(true);
         let mut client = connect.await;
-        pubsub
-            .inner
-            .publish(
-                "realtime:#revocations",
-                Arc::from(r#"{"close_connections_of":"a"}"#),
-            )
-            .await
-            .unwrap();
+        revoke_from_elsewhere(&pubsub.inner, "realtime:", "a").await;
         assert_eq!(client.close_frame(100).await, revoked());
     })
     .await;
@@ -353,13 +329,7 @@ async fn a_message_that_is_not_a_revocation_is_ignored() {
                 .await
                 .unwrap();
         }
-        pubsub
-            .publish(
-                "realtime:#revocations",
-                Arc::from(r#"{"close_connections_of":"a"}"#),
-            )
-            .await
-            .unwrap();
+        revoke_from_elsewhere(&*pubsub, "realtime:", "a").await;
         assert_eq!(client.close_frame(100).await, revoked());
     })
     .await;
