@@ -83,10 +83,12 @@ impl Listener {
     /// dropped.
     pub(crate) async fn run(self) {
         self.listen().await;
-        self.set(Listening::Stopped);
+        self.metrics.revocations_listening(false);
+        // `Stopped` is sent as `self` drops, after the subscription did.
     }
 
     fn set(&self, state: Listening) {
+        debug_assert!(state != Listening::Stopped, "sent by `drop` alone");
         self.state.send_replace(state);
         self.metrics.revocations_listening(state == Listening::Yes);
     }
@@ -182,6 +184,14 @@ impl Listener {
             );
         }
         now
+    }
+}
+
+impl Drop for Listener {
+    /// `Stopped` also when the task is dropped before it ended (its runtime shut down), so
+    /// `Hub::closed` never waits for a listener that will not run again.
+    fn drop(&mut self) {
+        self.state.send_replace(Listening::Stopped);
     }
 }
 

@@ -258,6 +258,36 @@ async fn a_closed_hub_holds_no_revocation_subscription() {
     .await;
 }
 
+/// A hub whose listener's runtime is gone (its task dropped, never to run again) still
+/// closes: `closed` does not wait for that listener.
+#[test]
+fn a_hub_whose_listeners_runtime_is_gone_still_closes() {
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let hub = first.block_on(async {
+        let t = TestHub::start(HubOptions::new()).await;
+        tokio_tungstenite::connect_async(t.url("forged"))
+            .await
+            .expect_err("refused");
+        assert!(t.hub.stats().revocations_listening);
+        t.hub.clone()
+    });
+    drop(first);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            hub.shutdown();
+            tokio::time::timeout(Duration::from_secs(10), hub.closed())
+                .await
+                .expect("closed without the listener");
+        });
+}
+
 /// Messages the listener missed (it fell behind the pub/sub) are counted, and it goes on.
 #[tokio::test]
 async fn revocations_the_listener_missed_are_counted() {
