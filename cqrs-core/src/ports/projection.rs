@@ -64,7 +64,7 @@ pub trait ProjectionStore: Send + Sync + 'static {
     /// waiting for its lock (a runner holds it while it applies): how far a projection has
     /// taken effect, for a reader waiting to see its own write
     /// ([`ProjectionWatch`](crate::projection::ProjectionWatch)). `None` when it has none
-    /// (never run, or reset by a rebuild that has not committed its end).
+    /// (never run, or reset and committed without a new one).
     async fn committed_checkpoint(&self, consumer: &str) -> Result<Option<Position>, StoreError>;
 
     /// Sets the consumer's checkpoint.

@@ -21,9 +21,11 @@ const FIRST_POLL_DELAY: Duration = Duration::from_millis(2);
 /// that applies the events: once the checkpoint is at or past a position, every event up to
 /// it has been through the runner, committed: applied to the model, or passed over (a type
 /// the projection does not take; one [`skip_after`](super::ProjectionRunner::skip_after) gave
-/// up on, which it logs at `error` and counts in `cqrs_projection_skipped_total`). Any instance can wait, not only the one whose
-/// runner is active, and the wait takes no lock. Reads come quickly at first (2 ms apart,
-/// doubling) then every [`poll_interval`](Self::poll_interval) (50 ms by default).
+/// up on, which it logs at `error` and counts in `cqrs_projection_skipped_total`). Any
+/// instance can wait, not only the one whose runner is active, and the wait takes no lock.
+/// Reads come quickly at first (2 ms apart, doubling) then every
+/// [`poll_interval`](Self::poll_interval) (50 ms by default). A rebuild runs in one unit of
+/// work: until it commits, the watch sees the checkpoint (and readers the model) from before.
 ///
 /// Where the position comes from: the records a write stored carry theirs
 /// ([`Committed::position`](crate::Committed::position) after
@@ -145,7 +147,7 @@ impl<S: ProjectionStore> ProjectionWatch<S> {
     }
 
     /// Where the projection stands now: its committed checkpoint, `None` before it applied
-    /// anything (or while a rebuild runs).
+    /// anything.
     pub async fn checkpoint(&self) -> Result<Option<Position>, StoreError> {
         self.store.committed_checkpoint(&self.projection).await
     }
