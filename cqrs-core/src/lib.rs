@@ -95,7 +95,7 @@ pub use aggregate::{
     Aggregate, AggregateError, AggregateRepository, Committed, Decided, EventSet, Loaded,
     SNAPSHOT_WAIT,
 };
-pub use bus::command::Executed;
+pub use bus::command::{Executed, StoredPosition};
 pub use bus::{
     CommandBus, CommandBusBuilder, CommandHandlers, EventBus, EventBusBuilder, EventHandlers,
     EventSink, EventStoreSink, Published, QueryBus, QueryBusBuilder, QueryHandlers,

@@ -8,7 +8,7 @@ use crate::idempotency::{self, Outcome, complete_on};
 use cqrs_core::ports::{ExpectedVersion, StoreError, StoredResponse};
 use cqrs_core::{
     Aggregate, AggregateError, AggregateRepository, CommandContext, Decided, ErrorKind,
-    EventRecord, HandlerError, Metadata,
+    EventRecord, HandlerError, Metadata, Position,
 };
 use sqlx::postgres::PgConnection;
 use std::collections::HashSet;
@@ -344,7 +344,10 @@ impl PgUnitOfWork {
         }
     }
 
-    /// Appends the staged events, stores the idempotency response, and commits.
+    /// Appends the staged events, stores the idempotency response, and commits. Returns the
+    /// global position of the last event it stored (`None` when it stored none): what a reader
+    /// of a projection waits for to see this write
+    /// ([`ProjectionWatch`](cqrs_core::projection::ProjectionWatch)).
     ///
     /// Round trips: none when nothing was written; one when the only writes are events of one
     /// stream (a single statement, its own transaction); otherwise one per stream's batch (the
@@ -365,7 +368,7 @@ impl PgUnitOfWork {
     /// with new event ids could then apply the change twice. To have the commit finish however
     /// long the caller waits, run it in a task of its own, as the crate's command layer does:
     /// `tokio::spawn(uow.commit()).await`.
-    pub async fn commit(mut self) -> Result<(), StoreError> {
+    pub async fn commit(mut self) -> Result<Option<Position>, StoreError> {
         let state = std::mem::take(self.state());
         // Refused because the server takes no writes: a failover or cutover may have left the
         // pool on the old primary (see `PgDatabase::store_error`).
@@ -379,7 +382,7 @@ impl PgUnitOfWork {
 ///
 /// Its statements, once it has a connection, are bounded by `answer_timeout`
 /// ([`commit_within`](crate::sql::commit_within)).
-async fn commit_state(db: &PgDatabase, state: State) -> Result<(), StoreError> {
+async fn commit_state(db: &PgDatabase, state: State) -> Result<Option<Position>, StoreError> {
     let limit = db.answer_timeout;
     let State {
         tx,
@@ -418,18 +421,21 @@ async fn commit_state(db: &PgDatabase, state: State) -> Result<(), StoreError> {
             still_in_transaction(&tx, UNIT_OF_WORK_ENDED)?;
             tx
         }
-        None if pending.is_empty() => return Ok(()),
+        None if pending.is_empty() => return Ok(None),
         None if pending.len() == 1 && completion.is_none() => {
             // One statement is its own transaction: no BEGIN, no COMMIT. So it is the
             // commit, and a lost answer is an unknown outcome, as for a `COMMIT`.
             let mut conn = db.acquire_for_store().await?;
             let append = async {
+                let mut last = None;
                 for p in pending {
-                    append_on(&mut conn, db, sql, &p.stream, p.expected, p.events, None)
-                        .await
-                        .map_err(commit_store_error)?;
+                    let stored =
+                        append_on(&mut conn, db, sql, &p.stream, p.expected, p.events, None)
+                            .await
+                            .map_err(commit_store_error)?;
+                    last = last.max(last_position(&stored));
                 }
-                Ok(())
+                Ok(last)
             };
             return crate::sql::commit_within(limit, "the commit", append).await;
         }
@@ -439,9 +445,10 @@ async fn commit_state(db: &PgDatabase, state: State) -> Result<(), StoreError> {
     // statement of the handler's failed (SQLSTATE 25P02), where `COMMIT` would not.
     let checked = !pending.is_empty() || completion.is_some();
     let finish = async move {
+        let mut last = None;
         for p in pending {
             // A conflict returns early: the transaction is dropped and rolls back.
-            append_on(
+            let stored = append_on(
                 &mut tx,
                 db,
                 sql,
@@ -451,6 +458,7 @@ async fn commit_state(db: &PgDatabase, state: State) -> Result<(), StoreError> {
                 completion.take().as_ref(),
             )
             .await?;
+            last = last.max(last_position(&stored));
         }
         if let Some(c) = completion {
             let response =
@@ -466,9 +474,15 @@ async fn commit_state(db: &PgDatabase, state: State) -> Result<(), StoreError> {
             )
             .await?;
         }
-        tx.commit().await.map_err(commit_error)
+        tx.commit().await.map_err(commit_error)?;
+        Ok(last)
     };
     crate::sql::commit_within(limit, "the commit", finish).await
+}
+
+/// The highest position among `stored`.
+fn last_position(stored: &[EventRecord]) -> Option<Position> {
+    stored.iter().filter_map(|record| record.position).max()
 }
 
 /// Fails when a statement in `tx` failed. Postgres answers `COMMIT` in such a transaction

@@ -5,7 +5,7 @@ use crate::clock::Clock;
 use crate::dispatch::{Call, Dispatcher, ErasedService, guarded, started, typed_call};
 use crate::{
     BoxError, BuildError, Command, CommandContext, CommandHandler, Dispatch, DispatchError,
-    EventEnvelope, Extensions, HandlerError, MessageKind, MessageType, Metadata, Reply,
+    EventEnvelope, Extensions, HandlerError, MessageKind, MessageType, Metadata, Position, Reply,
 };
 use async_trait::async_trait;
 use futures_util::future::Either;
@@ -427,6 +427,25 @@ pub struct Executed<O> {
     /// handler or a layer added.
     pub extensions: Extensions,
 }
+
+impl<O> Executed<O> {
+    /// The global position of the last event the command stored, when the layer that stored
+    /// them tells it ([`StoredPosition`]; cqrs-postgres's command layer does): wait for a
+    /// projection to reach it ([`ProjectionWatch`](crate::projection::ProjectionWatch)) to
+    /// read this write. `None` when it stored no event, or no layer says.
+    pub fn position(&self) -> Option<Position> {
+        self.extensions
+            .get::<StoredPosition>()
+            .map(|stored| stored.0)
+    }
+}
+
+/// The global position of the last event a command stored, which the layer that stored them
+/// puts in the reply's extensions once they are committed (cqrs-postgres's command layer
+/// does; so should a layer of one's own that stores a command's events):
+/// [`Executed::position`] reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredPosition(pub Position);
 
 impl CommandBus {
     /// Starts building a bus.

@@ -56,6 +56,10 @@ pub enum Idempotent<O> {
         /// [`PgCommandLayer::keep_events`](crate::PgCommandLayer::keep_events)); the bus's
         /// event sink, if it has one, was given them after the commit.
         events: Vec<EventEnvelope>,
+        /// The global position of the last event it stored (`None` when it stored none): what
+        /// a reader of a projection waits for to see this write
+        /// ([`ProjectionWatch`](cqrs_core::projection::ProjectionWatch)).
+        position: Option<cqrs_core::Position>,
     },
     /// The key was used before by the same request: its stored response, and nothing ran.
     Replayed(StoredResponse),
@@ -207,13 +211,14 @@ impl PgCommandExecutor {
         let (bus, events) = (self.bus.clone(), executed.events.clone());
         let committed = tokio::spawn(
             async move {
-                uow.commit().await.map_err(store_failure)?;
-                bus.sink_events(events).await
+                let position = uow.commit().await.map_err(store_failure)?;
+                bus.sink_events(events).await?;
+                Ok::<_, DispatchError>(position)
             }
             .in_current_span(),
         )
         .await;
-        match committed {
+        let position = match committed {
             Ok(committed) => committed?,
             Err(e) if e.is_panic() => {
                 return Err(DispatchError::Handler(HandlerError::internal(e)));
@@ -221,11 +226,12 @@ impl PgCommandExecutor {
             // The runtime shutting down cancelled the commit: it may have reached the server,
             // so the outcome is unknown (a retry with the same key replays it if it committed).
             Err(e) => return Err(store_failure(crate::error::commit_cancelled(&e))),
-        }
+        };
         Ok(Idempotent::Executed {
             output: executed.output,
             response,
             events: executed.events,
+            position,
         })
     }
 }

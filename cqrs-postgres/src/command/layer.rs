@@ -279,7 +279,13 @@ where
                 // outcome would depend on whether COMMIT had reached the server; now a
                 // command whose handler succeeded commits, and its events ship.
                 None => match tokio::spawn(uow.commit().in_current_span()).await {
-                    Ok(committed) => committed.map_err(store_failure)?,
+                    Ok(committed) => {
+                        if let Some(position) = committed.map_err(store_failure)? {
+                            reply
+                                .extensions_mut()
+                                .insert(cqrs_core::StoredPosition(position));
+                        }
+                    }
                     Err(e) if e.is_panic() => {
                         return Err(DispatchError::Handler(HandlerError::internal(e)));
                     }

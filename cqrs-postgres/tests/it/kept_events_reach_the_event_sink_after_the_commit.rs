@@ -141,3 +141,78 @@ pg_test! {
         .await;
     }
 }
+
+pg_test! {
+    /// A command's position, the last event it stored, comes back from the bus
+    /// (`Executed::position`) and from the executor (`Idempotent::Executed::position`): what
+    /// a reader waits for before reading a projection of it. A command that stored nothing
+    /// has none.
+    async fn a_commands_stored_position_comes_back_to_its_caller(db: PgDatabase) {
+        use cqrs_core::ports::EventStore;
+        tickets::create_table(&db).await;
+        let bus = CommandBus::builder()
+            .layer(db.command_layer())
+            .handler(OpenTicketHandler::default())
+            .build()
+            .unwrap();
+        let last_stored = || async {
+            db.event_store()
+                .read_all(cqrs_core::Position::START, 100)
+                .await
+                .unwrap()
+                .last()
+                .and_then(|record| record.position)
+        };
+        let executed = bus
+            .execute(OpenTicket::new("t1", Then::Succeed), Metadata::new())
+            .await
+            .unwrap();
+        assert!(executed.position().is_some());
+        assert_eq!(executed.position(), last_stored().await);
+
+        let executor = PgCommandExecutor::new(bus, db.clone());
+        let key = IdempotencyKey::new("POST /tickets", "k", "fp", Duration::from_secs(60));
+        let Idempotent::Executed { position, .. } = executor
+            .execute_idempotent(&key, OpenTicket::new("t2", Then::Succeed), Metadata::new(), respond)
+            .await
+            .unwrap()
+        else {
+            panic!("the first request runs");
+        };
+        assert!(position > executed.position(), "{position:?}");
+        assert_eq!(position, last_stored().await);
+
+        let nothing = CommandBus::builder()
+            .layer(db.command_layer())
+            .handler(RecordsNothing)
+            .build()
+            .unwrap();
+        let executed = nothing.execute(Nothing, Metadata::new()).await.unwrap();
+        assert_eq!(executed.position(), None, "nothing stored");
+    }
+}
+
+/// A command that stores nothing.
+#[derive(Debug)]
+struct Nothing;
+
+impl cqrs_core::Message for Nothing {
+    const NAME: &'static str = "test.nothing";
+}
+
+impl cqrs_core::Command for Nothing {
+    type Output = ();
+}
+
+struct RecordsNothing;
+
+#[async_trait]
+impl cqrs_core::CommandHandler<Nothing> for RecordsNothing {
+    async fn handle(
+        &self,
+        _: Nothing,
+        _: &mut cqrs_core::CommandContext,
+    ) -> Result<(), cqrs_core::HandlerError> {
+        Ok(())
+    }
+}
