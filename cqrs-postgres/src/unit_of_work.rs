@@ -347,7 +347,9 @@ impl PgUnitOfWork {
     /// Appends the staged events, stores the idempotency response, and commits. Returns the
     /// global position of the last event it stored (`None` when it stored none): what a reader
     /// of a projection waits for to see this write
-    /// ([`ProjectionWatch`](cqrs_core::projection::ProjectionWatch)).
+    /// ([`ProjectionWatch`](cqrs_core::projection::ProjectionWatch)). Events a handler appended
+    /// on the unit's connection itself ([`PgEventStore::append_in`](crate::PgEventStore::append_in))
+    /// are not counted: their records carry their positions.
     ///
     /// Round trips: none when nothing was written; one when the only writes are events of one
     /// stream (a single statement, its own transaction); otherwise one per stream's batch (the

@@ -83,7 +83,6 @@ impl Listener {
     /// dropped.
     pub(crate) async fn run(self) {
         self.listen().await;
-        self.metrics.revocations_listening(false);
         // `Stopped` is sent as `self` drops, after the subscription did.
     }
 
@@ -192,6 +191,10 @@ impl Drop for Listener {
     /// `Hub::closed` never waits for a listener that will not run again.
     fn drop(&mut self) {
         self.state.send_replace(Listening::Stopped);
+        // Maybe dropped while unwinding: a recorder that panics must not abort.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.metrics.revocations_listening(false);
+        }));
     }
 }
 

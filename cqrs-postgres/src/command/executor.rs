@@ -58,7 +58,8 @@ pub enum Idempotent<O> {
         events: Vec<EventEnvelope>,
         /// The global position of the last event it stored (`None` when it stored none): what
         /// a reader of a projection waits for to see this write
-        /// ([`ProjectionWatch`](cqrs_core::projection::ProjectionWatch)).
+        /// ([`ProjectionWatch`](cqrs_core::projection::ProjectionWatch)). A replay
+        /// ([`Idempotent::Replayed`]) has none: the stored response does not keep it.
         position: Option<cqrs_core::Position>,
     },
     /// The key was used before by the same request: its stored response, and nothing ran.

@@ -280,10 +280,16 @@ where
                 // command whose handler succeeded commits, and its events ship.
                 None => match tokio::spawn(uow.commit().in_current_span()).await {
                     Ok(committed) => {
-                        if let Some(position) = committed.map_err(store_failure)? {
-                            reply
-                                .extensions_mut()
-                                .insert(cqrs_core::StoredPosition(position));
+                        let extensions = reply.extensions_mut();
+                        match committed.map_err(store_failure)? {
+                            Some(position) => {
+                                extensions.insert(cqrs_core::StoredPosition(position));
+                            }
+                            // One handed in with the dispatch (an earlier command's
+                            // extensions passed on) is not this command's.
+                            None => {
+                                extensions.remove::<cqrs_core::StoredPosition>();
+                            }
                         }
                     }
                     Err(e) if e.is_panic() => {

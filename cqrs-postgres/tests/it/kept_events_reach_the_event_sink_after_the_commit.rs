@@ -1,7 +1,8 @@
 //! `keep_events(true)`: the events a command recorded go to the bus's event sink once they
 //! are committed, through `dispatch` and through `PgCommandExecutor::execute_idempotent`
 //! alike (the executor used to return them and give the sink none); without it the sink gets
-//! none, and the relay is their only way out.
+//! none, and the relay is their only way out. The position of the last event a command
+//! stored comes back to its caller, through both ways as well.
 
 use crate::support::pg_test;
 use crate::support::tickets::{self, OpenTicket, OpenTicketHandler, Then};
@@ -182,12 +183,29 @@ pg_test! {
         assert!(position > executed.position(), "{position:?}");
         assert_eq!(position, last_stored().await);
 
+        // A command that only records events: one statement, its own transaction.
+        let notes = CommandBus::builder()
+            .layer(db.command_layer())
+            .handler(tickets::NoteHandler)
+            .build()
+            .unwrap();
+        let noted = notes.execute(tickets::Note("n1"), Metadata::new()).await.unwrap();
+        assert!(noted.position() > position, "{:?}", noted.position());
+        assert_eq!(noted.position(), last_stored().await);
+
+        // Nothing stored: none, also when a position came in with the dispatch (an earlier
+        // command's extensions passed on).
         let nothing = CommandBus::builder()
             .layer(db.command_layer())
             .handler(RecordsNothing)
             .build()
             .unwrap();
-        let executed = nothing.execute(Nothing, Metadata::new()).await.unwrap();
+        let mut handed_in = cqrs_core::Extensions::new();
+        handed_in.insert(cqrs_core::StoredPosition(noted.position().unwrap()));
+        let executed = nothing
+            .execute_with_extensions(Nothing, Metadata::new(), handed_in)
+            .await
+            .unwrap();
         assert_eq!(executed.position(), None, "nothing stored");
     }
 }
