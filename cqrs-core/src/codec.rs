@@ -503,30 +503,26 @@ impl EventTypes {
         self
     }
 
-    /// The name the renames lead `event_type` to, registered here or not (itself when none
-    /// applies; at most one step per rename, so a cycle ends).
-    fn renamed_to<'a>(&'a self, event_type: &'a str) -> &'a str {
-        let mut name = event_type;
-        for _ in 0..self.renamed.len() {
-            match self.renamed.get(name) {
-                Some(next) => name = next,
-                None => break,
-            }
-        }
-        name
+    /// `event_type`, then each name the renames lead it to in turn: at most one step per
+    /// rename, so a cycle ends.
+    fn rename_chain<'a>(&'a self, event_type: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        std::iter::successors(Some(event_type), |name| {
+            self.renamed.get(*name).map(String::as_str)
+        })
+        .take(self.renamed.len() + 1)
     }
 
-    /// The name `event_type` is read as and its registration: its own, else the one renames
-    /// lead it to (at most one step per rename, so a cycle ends).
+    /// The name the renames lead `event_type` to, registered here or not (itself when none
+    /// applies).
+    fn renamed_to<'a>(&'a self, event_type: &'a str) -> &'a str {
+        self.rename_chain(event_type).last().unwrap_or(event_type)
+    }
+
+    /// The name `event_type` is read as and its registration: its own, else the first one
+    /// renames lead it to.
     fn resolve<'a>(&'a self, event_type: &'a str) -> Option<(&'a str, &'a Entry)> {
-        let mut name = event_type;
-        for _ in 0..=self.renamed.len() {
-            if let Some(entry) = self.entries.get(name) {
-                return Some((name, entry));
-            }
-            name = self.renamed.get(name)?;
-        }
-        None
+        self.rename_chain(event_type)
+            .find_map(|name| self.entries.get(name).map(|entry| (name, entry)))
     }
 
     /// Sets the policy for unknown event types.
@@ -621,17 +617,10 @@ impl EventTypes {
                     "the old name is registered as a type too, so its events decode as that type and the rename never applies: drop the rename or that type's registration",
                 );
             }
-            let mut name = to;
-            for _ in 0..=self.renamed.len() {
-                if name == from {
-                    return refused(
-                        "the renames lead back to the old name: make the chain end at a registered type",
-                    );
-                }
-                match self.renamed.get(name) {
-                    Some(next) => name = next,
-                    None => break,
-                }
+            if self.rename_chain(to).any(|name| name == from) {
+                return refused(
+                    "the renames lead back to the old name: make the chain end at a registered type",
+                );
             }
         }
         let mut names: Vec<&String> = self.entries.keys().collect();

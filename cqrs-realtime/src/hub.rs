@@ -554,10 +554,11 @@ impl<P: Send + Sync + 'static> Hub<P> {
     /// is done, whether it succeeded or not, nothing waits: a listener retrying (its pub/sub
     /// unreachable, which it logs) does not hold handshakes.
     async fn revocations_heard(&self) {
-        let mut listening = self.inner.revocations.subscribe();
-        if *listening.borrow_and_update() != Listening::Starting {
+        // Every handshake asks; all but the first few find it done.
+        if *self.inner.revocations.borrow() != Listening::Starting {
             return;
         }
+        let mut listening = self.inner.revocations.subscribe();
         let heard = listening.wait_for(|state| *state != Listening::Starting);
         tokio::select! {
             _ = tokio::time::timeout(self.inner.options.operation_timeout, heard) => {}

@@ -85,12 +85,14 @@ pub(crate) fn redis_server(url: &str) -> String {
 /// An id of the token secret (`HELPDESK_JWT_SECRET`): an HMAC of a constant under it, so
 /// instances can tell whether they share it without the secret leaving the process.
 pub(crate) fn token_key(secret: &[u8]) -> anyhow::Result<String> {
+    id_under(secret, b"helpdesk: the id of the token secret")
+}
+
+/// What instances record of `message` to compare it: the first 16 characters (96 bits) of
+/// its HMAC-SHA256 under `secret`.
+fn id_under(secret: &[u8], message: &[u8]) -> anyhow::Result<String> {
     let key = jsonwebtoken::EncodingKey::from_secret(secret)?;
-    let mac = jsonwebtoken::crypto::sign(
-        b"helpdesk: the id of the token secret",
-        &key,
-        jsonwebtoken::Algorithm::HS256,
-    )?;
+    let mac = jsonwebtoken::crypto::sign(message, &key, jsonwebtoken::Algorithm::HS256)?;
     Ok(mac.chars().take(16).collect())
 }
 
@@ -127,9 +129,7 @@ pub(crate) fn settings_key(secret: &[u8], settings: &SharedSettings<'_>) -> anyh
         "login_window_seconds": settings.login_window_seconds,
     })
     .to_string();
-    let key = jsonwebtoken::EncodingKey::from_secret(secret)?;
-    let mac = jsonwebtoken::crypto::sign(text.as_bytes(), &key, jsonwebtoken::Algorithm::HS256)?;
-    Ok(mac.chars().take(16).collect())
+    id_under(secret, text.as_bytes())
 }
 
 /// This instance's record in the schema; [`Worker`] that renews it and removes it at a stop,
