@@ -144,8 +144,10 @@ pub struct PgOptions {
     statement_timeout: Option<Duration>,
     idle_in_transaction_timeout: Option<Duration>,
     session_settings: bool,
-    /// `None`: the URL's `application_name`, else `PGAPPNAME`, else `cqrs`.
+    /// `None`: the URL's `application_name`, else `PGAPPNAME`, else the fallback.
     application_name: Option<String>,
+    /// The name when neither this, the URL nor `PGAPPNAME` gives one.
+    fallback_application_name: String,
     test_before_acquire: bool,
     ping_after_idle: Option<Duration>,
     answer_timeout: Duration,
@@ -192,6 +194,7 @@ impl PgOptions {
             idle_in_transaction_timeout: Some(Duration::from_secs(60)),
             session_settings: true,
             application_name: None,
+            fallback_application_name: "cqrs".to_owned(),
             test_before_acquire: false,
             ping_after_idle: Some(DEFAULT_PING_AFTER_IDLE),
             answer_timeout: DEFAULT_ANSWER_TIMEOUT,
@@ -306,11 +309,27 @@ impl PgOptions {
         self
     }
 
-    /// The `application_name` the server shows in `pg_stat_activity`. Default: the URL's
-    /// `application_name` parameter, else the `PGAPPNAME` environment variable (as libpq
-    /// reads it), else `cqrs`.
+    /// The `application_name` the server shows in `pg_stat_activity`, whatever the URL says.
+    /// Default: the URL's `application_name` parameter, else the `PGAPPNAME` environment
+    /// variable (as libpq reads it), else the
+    /// [`fallback_application_name`](Self::fallback_application_name).
     pub fn application_name(mut self, name: impl Into<String>) -> Self {
         self.application_name = Some(name.into());
+        self
+    }
+
+    /// The `application_name` when neither [`application_name`](Self::application_name), the
+    /// URL's `application_name` nor `PGAPPNAME` gives one, as libpq's parameter of that name.
+    /// Default `cqrs`. Name your service here, and operators can still tell its instances
+    /// apart in `pg_stat_activity` through the URL or `PGAPPNAME`.
+    ///
+    /// ```
+    /// use cqrs_postgres::PgOptions;
+    /// let options = PgOptions::new("postgres://app@db/helpdesk").fallback_application_name("helpdesk");
+    /// # let _ = options;
+    /// ```
+    pub fn fallback_application_name(mut self, name: impl Into<String>) -> Self {
+        self.fallback_application_name = name.into();
         self
     }
 
@@ -579,7 +598,7 @@ impl PgOptions {
                 let name = match (&self.application_name, connect.get_application_name()) {
                     (Some(name), _) => name.clone(),
                     (None, Some(from_url)) => from_url.to_owned(),
-                    (None, None) => "cqrs".to_owned(),
+                    (None, None) => self.fallback_application_name.clone(),
                 };
                 let connect = connect.application_name(&name);
                 // No `options` parameter at all when there is nothing to set: some poolers
@@ -1394,7 +1413,8 @@ mod tests {
         );
     }
 
-    /// The URL's `application_name` is kept unless one is set; without either, `cqrs`.
+    /// The URL's `application_name` is kept unless one is set; without either, the fallback
+    /// (`cqrs` unless given), which never overrides the URL's.
     #[test]
     fn the_urls_application_name_is_kept_unless_one_is_set() {
         let name = |options: PgOptions| {
@@ -1410,11 +1430,17 @@ mod tests {
             name(PgOptions::new(url).application_name("set")).as_deref(),
             Some("set")
         );
+        assert_eq!(
+            name(PgOptions::new(url).fallback_application_name("svc")).as_deref(),
+            Some("billing")
+        );
         // Unless `PGAPPNAME` names one, as libpq and sqlx read it.
         if std::env::var_os("PGAPPNAME").is_none() {
+            let bare = "postgres://u@h/db";
+            assert_eq!(name(PgOptions::new(bare)).as_deref(), Some("cqrs"));
             assert_eq!(
-                name(PgOptions::new("postgres://u@h/db")).as_deref(),
-                Some("cqrs")
+                name(PgOptions::new(bare).fallback_application_name("svc")).as_deref(),
+                Some("svc")
             );
         }
     }

@@ -130,6 +130,55 @@ impl<P> Clone for Hub<P> {
     }
 }
 
+/// A handle on a [`Hub`] that does not keep it alive: [`upgrade`](Self::upgrade) gives the hub
+/// while a [`Hub`] clone (the router's, the server's) is still held, and `None` after.
+///
+/// Hold one where a `Hub` clone would make a cycle: in a bus handler that closes connections
+/// (a logout) when the hub's own [`Authorizer`](crate::Authorizer) or
+/// [`Authenticator`](crate::Authenticator) reaches that bus. The cycle would keep the hub,
+/// and everything it holds (its pub/sub, its event store's connection pool), alive after the
+/// server stopped.
+///
+/// ```
+/// # use cqrs_realtime::doc::{tokens, TicketRules, TicketRouting};
+/// # use cqrs_core::memory::InMemoryPubSub;
+/// # use std::sync::Arc;
+/// use cqrs_realtime::Hub;
+///
+/// let hub = Hub::builder(tokens()).authorizer(TicketRules).routing(TicketRouting)
+///     .pubsub(Arc::new(InMemoryPubSub::new())).build().unwrap();
+/// let weak = hub.downgrade();
+/// assert_eq!(weak.upgrade().map(|hub| hub.close_connections_of("user-7")), Some(0));
+/// drop(hub);
+/// assert!(weak.upgrade().is_none(), "gone with the last Hub");
+/// ```
+pub struct WeakHub<P> {
+    inner: std::sync::Weak<HubInner<P>>,
+}
+
+impl<P> WeakHub<P> {
+    /// The hub, unless every [`Hub`] clone was dropped.
+    pub fn upgrade(&self) -> Option<Hub<P>> {
+        self.inner.upgrade().map(|inner| Hub { inner })
+    }
+}
+
+impl<P> Clone for WeakHub<P> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<P> fmt::Debug for WeakHub<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WeakHub")
+            .field("alive", &(self.inner.strong_count() > 0))
+            .finish()
+    }
+}
+
 impl<P> fmt::Debug for Hub<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Hub")
@@ -753,6 +802,13 @@ impl<P: Send + Sync + 'static> Hub<P> {
     /// ([`close_connections_everywhere`](Self::close_connections_everywhere)).
     pub async fn upstream_channels(&self) -> usize {
         self.inner.upstreams.len().await
+    }
+
+    /// A [`WeakHub`]: a handle that does not keep this hub alive.
+    pub fn downgrade(&self) -> WeakHub<P> {
+        WeakHub {
+            inner: Arc::downgrade(&self.inner),
+        }
     }
 
     /// Closes with code 1008 and reason `credentials revoked` every open connection of the

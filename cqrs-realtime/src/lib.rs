@@ -134,7 +134,7 @@ mod worker;
 pub use auth::{
     AllowAll, AuthenticateFn, Authenticator, Authorizer, ClientKey, Refusal, Unauthenticated,
 };
-pub use hub::{BuildError, Hub, HubBuilder, RevocationError};
+pub use hub::{BuildError, Hub, HubBuilder, RevocationError, WeakHub};
 pub use metrics::HubStats;
 pub use options::{DEFAULT_CHANNEL_PREFIX, HubOptions};
 pub use protocol::{ClientFrame, ErrorCode, FrameError, ServerFrame, UnknownErrorCode, close_code};

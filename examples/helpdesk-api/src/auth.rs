@@ -71,6 +71,10 @@ pub enum AuthError {
     /// another server sharing the secret).
     #[error("the token's user does not exist; log in again")]
     UnknownUser,
+    /// The token is well signed, but its user logged out (`POST /auth/logout`) after it was
+    /// issued: a logout ends every token issued before it.
+    #[error("the token was ended by a logout; log in again")]
+    LoggedOut,
     /// The user could not be looked up (the user store is down): 503, try again.
     #[error("the user store is busy or unavailable; try again shortly")]
     Unavailable,
@@ -98,6 +102,62 @@ pub trait Authenticator: Send + Sync + 'static {
         token: &str,
     ) -> Result<(User, Option<chrono::DateTime<chrono::Utc>>), AuthError> {
         Ok((self.verify(token).await?, None))
+    }
+}
+
+/// Closes a user's realtime connections on every instance: the gateway's WebSocket hub, which
+/// it provides to plugins through a [`LiveSessions`] resource. A plugin that ends a user's
+/// sessions (the auth plugin's logout) refuses the user's credentials first, then calls it.
+#[async_trait]
+pub trait CloseSessions: Send + Sync + 'static {
+    /// Closes `user`'s connections here and asks every other instance to close theirs.
+    async fn close_everywhere(&self, user: Uuid) -> ClosedSessions;
+}
+
+/// What [`CloseSessions::close_everywhere`] did.
+#[derive(Debug)]
+pub struct ClosedSessions {
+    /// How many connections it closed on this instance.
+    pub here: usize,
+    /// Whether the other instances were asked to close theirs: an `Err` when they could not
+    /// be (the pub/sub unreachable). Theirs then stay open until their credentials expire.
+    pub elsewhere: Result<(), cqrs_core::BoxError>,
+}
+
+/// The gateway's [`CloseSessions`], filled in once its hub is built (after the plugins
+/// registered, so it is a handle, as [`BusHandle`](crate::BusHandle) is). Until then, and in
+/// a server with no hub, there are no realtime connections to close.
+#[derive(Clone, Default)]
+pub struct LiveSessions(std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn CloseSessions>>>);
+
+impl LiveSessions {
+    /// An empty handle.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets what closes the connections; a second call is ignored.
+    pub fn set(&self, sessions: std::sync::Arc<dyn CloseSessions>) {
+        let _ = self.0.set(sessions);
+    }
+
+    /// [`CloseSessions::close_everywhere`], or none closed while nothing is set.
+    pub async fn close_everywhere(&self, user: Uuid) -> ClosedSessions {
+        match self.0.get() {
+            Some(sessions) => sessions.close_everywhere(user).await,
+            None => ClosedSessions {
+                here: 0,
+                elsewhere: Ok(()),
+            },
+        }
+    }
+}
+
+impl std::fmt::Debug for LiveSessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveSessions")
+            .field("set", &self.0.get().is_some())
+            .finish()
     }
 }
 

@@ -18,7 +18,10 @@ pub mod postgres;
 mod validation;
 
 pub use api::{HttpApi, Operation, RETRY_AFTER};
-pub use auth::{AuthError, Authenticator, Role, User, UserDirectory, same_secret};
+pub use auth::{
+    AuthError, Authenticator, CloseSessions, ClosedSessions, LiveSessions, Role, User,
+    UserDirectory, same_secret,
+};
 pub use backends::{
     Backends, BackgroundWorker, BusHandle, Buses, MIN_REDELIVERY_DELAY, Migration, Mode,
     RealtimeFeed, Settings,

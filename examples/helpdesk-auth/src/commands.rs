@@ -95,6 +95,27 @@ impl std::fmt::Debug for LoggedIn {
     }
 }
 
+/// Logs a user out everywhere: every token issued to them so far is refused from then on
+/// (`AuthError::LoggedOut`), on every instance, and their realtime connections close on every
+/// instance. Tokens are not kept anywhere, so one of them cannot be ended alone.
+#[derive(Debug, Command)]
+#[cqrs(name = "auth.log_out", output = LoggedOut)]
+pub struct LogOut {
+    /// Who logs out.
+    pub user: Uuid,
+}
+
+/// A logout, once its tokens are refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedOut {
+    /// How many of the user's realtime connections this instance closed.
+    pub connections_closed_here: usize,
+    /// Whether the other instances were told to close theirs. `false` when they could not
+    /// be (the pub/sub was unreachable; it is logged): theirs stay open until their tokens
+    /// expire, but no new one opens with those tokens.
+    pub others_told: bool,
+}
+
 /// Reads a user by id, with the role they have now (an agent whose email left the agent
 /// list is a customer).
 #[derive(Debug, Query)]
@@ -509,6 +530,7 @@ impl RegisterHandler {
             display_name,
             password_hash: self.hashing.hash_password(password, slot).await?,
             created_at: self.clock.now(),
+            logouts: 0,
         };
         counted.inserting.store(true, Ordering::Relaxed);
         match self.users.create(user.clone()).await {
@@ -757,12 +779,48 @@ impl CommandHandler<LogIn> for LogInHandler {
         };
         let token = self
             .tokens
-            .issue(&principal)
+            .issue(&principal, user.logouts)
             .map_err(|e| HandlerError::internal(e.to_string()))?;
         Ok(LoggedIn {
             token,
             expires_in: self.tokens.ttl_seconds(),
             user: principal,
+        })
+    }
+}
+
+/// Handles [`LogOut`].
+pub(crate) struct LogOutHandler {
+    pub(crate) users: Arc<dyn UserStore>,
+    pub(crate) sessions: helpdesk_api::LiveSessions,
+}
+
+#[async_trait]
+impl CommandHandler<LogOut> for LogOutHandler {
+    async fn handle(
+        &self,
+        cmd: LogOut,
+        _ctx: &mut CommandContext,
+    ) -> Result<LoggedOut, HandlerError> {
+        // The tokens first: a connection closed before they were refused could open again
+        // with one of them.
+        if self.users.log_out(cmd.user).await?.is_none() {
+            return Err(HandlerError::unauthorized(
+                helpdesk_api::AuthError::UnknownUser.to_string(),
+            ));
+        }
+        let closed = self.sessions.close_everywhere(cmd.user).await;
+        if let Err(e) = &closed.elsewhere {
+            tracing::warn!(
+                user = %cmd.user,
+                error = %e,
+                "a logout could not tell the other instances to close the user's realtime \
+                 connections: theirs stay open until their tokens expire"
+            );
+        }
+        Ok(LoggedOut {
+            connections_closed_here: closed.here,
+            others_told: closed.elsewhere.is_ok(),
         })
     }
 }
@@ -875,6 +933,7 @@ mod tests {
             display_name: None,
             password_hash: argon2_hash(PASSWORD.as_bytes()).unwrap(),
             created_at: clock.now(),
+            logouts: 0,
         };
         users.create(user).await.unwrap();
         let throttle = || {
@@ -973,6 +1032,68 @@ mod tests {
             self.check().await?;
             self.users.by_id(id).await
         }
+
+        async fn log_out(&self, id: Uuid) -> Result<Option<u64>, StoreError> {
+            self.check().await?;
+            self.users.log_out(id).await
+        }
+    }
+
+    /// Closes nothing elsewhere: its pub/sub is away.
+    struct PubSubAway;
+
+    #[async_trait]
+    impl helpdesk_api::CloseSessions for PubSubAway {
+        async fn close_everywhere(&self, _user: Uuid) -> helpdesk_api::ClosedSessions {
+            helpdesk_api::ClosedSessions {
+                here: 2,
+                elsewhere: Err("redis: connection refused".into()),
+            }
+        }
+    }
+
+    /// A logout whose other instances cannot be told still ends the tokens, and says the
+    /// others were not told; a user who no longer exists is told so, and nothing is closed.
+    #[tokio::test]
+    async fn a_logout_the_other_instances_miss_still_ends_the_tokens() {
+        let users = Arc::new(InMemoryUserStore::default());
+        let user = UserRecord {
+            id: Uuid::now_v7(),
+            email: "a@example.com".into(),
+            role: Role::Customer,
+            display_name: None,
+            password_hash: String::new(),
+            created_at: chrono::Utc::now(),
+            logouts: 0,
+        };
+        let id = user.id;
+        users.create(user).await.unwrap();
+        let sessions = helpdesk_api::LiveSessions::new();
+        sessions.set(Arc::new(PubSubAway));
+        let handler = LogOutHandler {
+            users: users.clone(),
+            sessions,
+        };
+        let mut ctx = CommandContext::new(Metadata::new());
+        let out = handler.handle(LogOut { user: id }, &mut ctx).await.unwrap();
+        assert_eq!(
+            out,
+            LoggedOut {
+                connections_closed_here: 2,
+                others_told: false
+            }
+        );
+        assert_eq!(users.by_id(id).await.unwrap().unwrap().logouts, 1);
+
+        let gone = handler
+            .handle(
+                LogOut {
+                    user: Uuid::now_v7(),
+                },
+                &mut ctx,
+            )
+            .await;
+        assert_eq!(gone.unwrap_err().kind(), ErrorKind::Unauthorized);
     }
 
     /// A throttle in memory whose `attempt` (`failing`) or `succeeded` (`failing_back`) fails
@@ -1045,6 +1166,7 @@ mod tests {
                 display_name: None,
                 password_hash: argon2_hash(PASSWORD.as_bytes()).unwrap(),
                 created_at: clock.now(),
+                logouts: 0,
             })
             .await
             .unwrap();
@@ -1896,6 +2018,10 @@ mod tests {
         async fn by_id(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError> {
             self.users.by_id(id).await
         }
+
+        async fn log_out(&self, id: Uuid) -> Result<Option<u64>, StoreError> {
+            self.users.log_out(id).await
+        }
     }
 
     /// A registration whose insert failed (the store away) and which is dropped while it
@@ -2014,6 +2140,10 @@ mod registration_count_tests {
 
         async fn by_id(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError> {
             self.users.by_id(id).await
+        }
+
+        async fn log_out(&self, id: Uuid) -> Result<Option<u64>, StoreError> {
+            self.users.log_out(id).await
         }
     }
 

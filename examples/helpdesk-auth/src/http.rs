@@ -1,6 +1,6 @@
 //! The auth plugin's routes.
 
-use crate::commands::{GetUser, LogIn, RegisterUser, UserCard, ViewUser};
+use crate::commands::{GetUser, LogIn, LogOut, RegisterUser, UserCard, ViewUser};
 use crate::users::UserProfile;
 use axum::Json;
 use axum::extract::State;
@@ -152,6 +152,21 @@ async fn login(
     }))
 }
 
+/// Ends every token of the caller's (this one too) and their WebSocket connections: 204.
+async fn logout(
+    State(buses): State<BusHandle>,
+    Authenticated(user): Authenticated,
+    request: RequestMetadata,
+) -> Result<StatusCode, ApiError> {
+    let metadata = request.by(&user);
+    buses
+        .get()?
+        .commands
+        .dispatch_with(LogOut { user: user.id }, metadata)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn me(
     State(buses): State<BusHandle>,
     Authenticated(user): Authenticated,
@@ -261,6 +276,16 @@ pub(crate) fn api(buses: BusHandle) -> HttpApi {
                 .response(429, "too many failed attempts for this email and client address, or from this address across emails, or two logins or registrations of this address in progress, or too many logins to this account within the login window (`too_many_attempts`), with Retry-After", None)
                 .response(503, UNAVAILABLE, None)
                 .response_header(429, "Retry-After", helpdesk_api::RETRY_AFTER)
+                .response_header(503, "Retry-After", helpdesk_api::RETRY_AFTER)],
+        )
+        .route(
+            "/auth/logout",
+            post(logout).with_state(buses.clone()),
+            [Operation::new("post", "Log out everywhere: every token of the user issued until now stops working, on every instance, and the user's WebSocket connections close (1008)")
+                .tag("auth")
+                .bearer()
+                .response(204, "logged out; log in again for a new token", None)
+                .response(503, "the user store could not be reached or did not answer in time (`unavailable`, `timeout`), with Retry-After: the logout may or may not have happened; send it again with the same token (a 401 then says it did)", None)
                 .response_header(503, "Retry-After", helpdesk_api::RETRY_AFTER)],
         )
         .route(

@@ -1,4 +1,5 @@
-//! The helpdesk's auth plugin: `POST /auth/register`, `POST /auth/login`, `GET /auth/me`.
+//! The helpdesk's auth plugin: `POST /auth/register`, `POST /auth/login`, `POST /auth/logout`,
+//! `GET /auth/me`, `GET /users/{id}`.
 //!
 //! Passwords are hashed with argon2id; tokens are HS256 JWTs. Wrong passwords and unknown
 //! emails get the same 401, after the same amount of work (an unknown email is verified against
@@ -11,6 +12,10 @@
 //! ([`AgentCode`]), and a stored agent whose email left the list is a customer. Wrong codes
 //! count against the client address as failed logins do: past the limit within the window, its
 //! registrations of listed emails get 429, with the right code too.
+//!
+//! `POST /auth/logout` ends every token the user holds (a token carries the user's count of
+//! logouts when it was issued, and the authenticator refuses one whose count has moved on),
+//! then closes the user's WebSocket connections on every instance ([`helpdesk_api::LiveSessions`]).
 //!
 //! A server links it with `use helpdesk_auth as _;`; it registers through `inventory`.
 
@@ -25,11 +30,12 @@ mod users;
 
 pub use agents::{AgentCode, AgentList};
 pub use commands::{
-    GetUser, LogIn, LoggedIn, RegisterUser, UserCard, ViewUser, canonical_email, normalize_email,
+    GetUser, LogIn, LogOut, LoggedIn, LoggedOut, RegisterUser, UserCard, ViewUser, canonical_email,
+    normalize_email,
 };
 pub use postgres::{PgLoginThrottle, PgUserStore};
 pub use throttle::{Attempt, Counted, DEFAULT_MAX_KEYS, InMemoryLoginThrottle, LoginThrottle};
-pub use tokens::{JwtTokens, UserAuthenticator};
+pub use tokens::{DecodedToken, JwtTokens, UserAuthenticator};
 pub use users::{CreateUserError, InMemoryUserStore, UserProfile, UserRecord, UserStore};
 
 use async_trait::async_trait;
@@ -140,6 +146,15 @@ impl Plugin for AuthPlugin {
             tokens: tokens.clone(),
             dummy_hash,
             agents: agents.clone(),
+        });
+        // Filled in by the gateway once its hub is built; a server without one has no
+        // realtime connections to close.
+        let sessions = registrar
+            .try_resource::<helpdesk_api::LiveSessions>()
+            .unwrap_or_default();
+        registrar.commands().add(commands::LogOutHandler {
+            users: users.clone(),
+            sessions,
         });
         registrar.queries().add(commands::GetUserHandler {
             users: users.clone(),

@@ -88,7 +88,9 @@ pub(crate) fn migration(schema: &str) -> Migration {
                 at timestamptz NOT NULL
             );
             CREATE INDEX IF NOT EXISTS login_failures_key_at ON {schema}.login_failures (key, at);
-            CREATE INDEX IF NOT EXISTS login_failures_at ON {schema}.login_failures (at);"
+            CREATE INDEX IF NOT EXISTS login_failures_at ON {schema}.login_failures (at);
+            ALTER TABLE {schema}.users ADD COLUMN IF NOT EXISTS logouts bigint NOT NULL DEFAULT 0
+                CHECK (logouts >= 0);"
         ),
     }
 }
@@ -104,6 +106,7 @@ pub struct PgUserStore {
     db: PgDatabase,
     select: Arc<str>,
     insert: Arc<str>,
+    log_out: Arc<str>,
 }
 
 impl PgUserStore {
@@ -116,13 +119,17 @@ impl PgUserStore {
             // would panic in sqlx's decoding, on every request of that user.
             select: format!(
                 "SELECT id, email, role, display_name, password_hash, \
-                 {} AS created_at FROM {schema}.users",
+                 {} AS created_at, logouts FROM {schema}.users",
                 decodable("created_at")
             )
             .into(),
             insert: format!(
                 "INSERT INTO {schema}.users (id, email, role, display_name, password_hash, created_at)
                  VALUES ($1, $2, $3, $4, $5, $6)"
+            )
+            .into(),
+            log_out: format!(
+                "UPDATE {schema}.users SET logouts = logouts + 1 WHERE id = $1 RETURNING logouts"
             )
             .into(),
         }
@@ -170,10 +177,16 @@ impl PgUserStore {
                 display_name: row.try_get("display_name").map_err(store_error)?,
                 password_hash: row.try_get("password_hash").map_err(store_error)?,
                 created_at: row.try_get("created_at").map_err(store_error)?,
+                logouts: logouts(row.try_get("logouts").map_err(store_error)?),
             })
         })
         .transpose()
     }
+}
+
+/// The `logouts` column, which its constraint keeps at 0 or more.
+fn logouts(stored: i64) -> u64 {
+    u64::try_from(stored).unwrap_or(0)
 }
 
 /// `timestamptz` expression `column`, clamped to years 1 to 9999: Postgres also holds
@@ -221,6 +234,15 @@ impl UserStore for PgUserStore {
 
     async fn by_id(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError> {
         self.one(Key::Id(id)).await
+    }
+
+    async fn log_out(&self, id: Uuid) -> Result<Option<u64>, StoreError> {
+        let count: Option<i64> = sqlx::query_scalar(AssertSqlSafe(self.log_out.to_string()))
+            .bind(id)
+            .fetch_optional(&mut *self.connection().await?)
+            .await
+            .map_err(|e| self.db.store_error(e))?;
+        Ok(count.map(logouts))
     }
 
     async fn by_id_in(

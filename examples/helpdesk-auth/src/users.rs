@@ -23,6 +23,9 @@ pub struct UserRecord {
     pub password_hash: String,
     /// When the user registered.
     pub created_at: DateTime<Utc>,
+    /// How many times the user logged out ([`UserStore::log_out`]). A token carries the count
+    /// it was issued at, and is refused once the count has moved on.
+    pub logouts: u64,
 }
 
 impl std::fmt::Debug for UserRecord {
@@ -34,6 +37,7 @@ impl std::fmt::Debug for UserRecord {
             .field("display_name", &self.display_name)
             .field("password_hash", &"<redacted>")
             .field("created_at", &self.created_at)
+            .field("logouts", &self.logouts)
             .finish()
     }
 }
@@ -87,6 +91,10 @@ pub trait UserStore: Send + Sync + 'static {
     async fn by_email(&self, email: &str) -> Result<Option<UserRecord>, StoreError>;
     /// The user with this id.
     async fn by_id(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError>;
+    /// Counts a logout of user `id` ([`UserRecord::logouts`] goes up by one, in one step
+    /// however many instances log the user out at once): from then on every token issued
+    /// before is refused. Returns the new count, or `None` when there is no such user.
+    async fn log_out(&self, id: Uuid) -> Result<Option<u64>, StoreError>;
     /// [`by_id`](Self::by_id) from inside a command handler: on the command's own connection
     /// where the store shares its database (see `UserDirectory::role_of_in`).
     async fn by_id_in(
@@ -133,6 +141,14 @@ impl UserStore for InMemoryUserStore {
         let guard = self.users.lock().unwrap_or_else(|p| p.into_inner());
         Ok(guard.0.get(&id).cloned())
     }
+
+    async fn log_out(&self, id: Uuid) -> Result<Option<u64>, StoreError> {
+        let mut guard = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(guard.0.get_mut(&id).map(|user| {
+            user.logouts = user.logouts.saturating_add(1);
+            user.logouts
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -150,6 +166,7 @@ mod tests {
             display_name: None,
             password_hash: String::new(),
             created_at: Utc::now(),
+            logouts: 0,
         };
         store.create(user("Ada@Example.com")).await.unwrap();
         let found = store.by_email("ada@example.com").await.unwrap().unwrap();
@@ -159,5 +176,29 @@ mod tests {
             store.create(user("ada@example.COM")).await,
             Err(CreateUserError::EmailTaken)
         ));
+    }
+
+    /// A logout counts once per call, for that user only; an unknown id counts nothing.
+    #[tokio::test]
+    async fn a_logout_counts_for_its_user_only() {
+        let store = InMemoryUserStore::default();
+        let user = |email: &str| UserRecord {
+            id: Uuid::now_v7(),
+            email: email.to_owned(),
+            role: Role::Customer,
+            display_name: None,
+            password_hash: String::new(),
+            created_at: Utc::now(),
+            logouts: 0,
+        };
+        let (ada, bob) = (user("ada@example.com"), user("bob@example.com"));
+        let (ada_id, bob_id) = (ada.id, bob.id);
+        store.create(ada).await.unwrap();
+        store.create(bob).await.unwrap();
+        assert_eq!(store.log_out(ada_id).await.unwrap(), Some(1));
+        assert_eq!(store.log_out(ada_id).await.unwrap(), Some(2));
+        assert_eq!(store.by_id(ada_id).await.unwrap().unwrap().logouts, 2);
+        assert_eq!(store.by_id(bob_id).await.unwrap().unwrap().logouts, 0);
+        assert_eq!(store.log_out(Uuid::now_v7()).await.unwrap(), None);
     }
 }

@@ -242,11 +242,13 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         max_concurrent_hashes: config.max_concurrent_hashes.map(|n| n as usize),
     };
     let bus_handle = BusHandle::new();
+    let live_sessions = helpdesk_api::LiveSessions::new();
 
     let mut registrar = PluginRegistrar::new();
     registrar.provide(backends.clone());
     registrar.provide(settings.clone());
     registrar.provide(bus_handle.clone());
+    registrar.provide(live_sessions.clone());
     if let Some(code) = &agent_code {
         registrar.provide(helpdesk_auth::AgentCode::new(code));
     }
@@ -496,6 +498,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         .clock(backends.clock.clone())
         .options(hub_options)
         .build()?;
+    live_sessions.set(Arc::new(HubSessions(hub.downgrade())));
     // Published by a relay, in the store's position order, one instance at a time: a client
     // resuming `tickets` from the last position it saw then misses nothing (a consumer group
     // publishing tickets in parallel, on every instance, would publish out of order).
@@ -838,7 +841,8 @@ async fn postgres_backends(
 ) -> anyhow::Result<Started> {
     let db = PgOptions::new(url)
         .schema(config.database_schema.clone())
-        .application_name("helpdesk")
+        // The URL's or PGAPPNAME's, where an operator names the instance.
+        .fallback_application_name("helpdesk")
         .max_connections(config.database_max_connections)
         .acquire_timeout(Duration::from_millis(config.database_acquire_timeout_ms))
         .connect()
@@ -1043,6 +1047,37 @@ impl cqrs_realtime::Authenticator for HubAuthenticator {
     /// The hub closes the connection (1008) when the token expires.
     fn expires_at(&self, session: &Session) -> Option<chrono::DateTime<chrono::Utc>> {
         session.expires_at
+    }
+}
+
+/// Closes a user's WebSocket connections for the plugins (the auth plugin's logout): the
+/// hub's connections are keyed by user id (`HubAuthenticator::connection_key`). A weak
+/// handle: the logout handler holding it is reached from the hub itself (through the feeds'
+/// authorizers and the buses), and a strong one would keep the hub, and the database pool it
+/// reads from, alive after the server stopped.
+struct HubSessions(cqrs_realtime::WeakHub<Session>);
+
+#[async_trait::async_trait]
+impl helpdesk_api::CloseSessions for HubSessions {
+    async fn close_everywhere(&self, user: uuid::Uuid) -> helpdesk_api::ClosedSessions {
+        // Gone once the server dropped its router: none left here, and no one to tell the
+        // others.
+        let Some(hub) = self.0.upgrade() else {
+            return helpdesk_api::ClosedSessions {
+                here: 0,
+                elsewhere: Err("this server's WebSocket hub has stopped".into()),
+            };
+        };
+        match hub.close_connections_everywhere(&user.to_string()).await {
+            Ok(here) => helpdesk_api::ClosedSessions {
+                here,
+                elsewhere: Ok(()),
+            },
+            Err(e) => helpdesk_api::ClosedSessions {
+                here: e.closed_here,
+                elsewhere: Err(e.into()),
+            },
+        }
     }
 }
 

@@ -68,6 +68,11 @@ impl UserStore for FailingUsers {
         self.check().await?;
         self.users.by_id(id).await
     }
+
+    async fn log_out(&self, id: Uuid) -> Result<Option<u64>, StoreError> {
+        self.check().await?;
+        self.users.log_out(id).await
+    }
 }
 
 #[track_caller]
@@ -95,6 +100,10 @@ async fn the_503s_of_a_failing_user_store_do_not_quote_it() {
             assert_unavailable_without_the_secret(&r);
         }
         assert_unavailable_without_the_secret(&s.get("/auth/me", &token).await);
+        let logout = s
+            .send(Method::POST, "/auth/logout", Some(&token), None)
+            .await;
+        assert_unavailable_without_the_secret(&logout);
 
         // A subscription checks the user's role again, in the store.
         send(&mut ws, json!({ "type": "subscribe", "topic": "tickets" })).await;
