@@ -7,7 +7,7 @@ use crate::signal::{CloseSignal, Ending};
 use chrono::{DateTime, Utc};
 use cqrs_core::clock::Clock;
 use cqrs_core::runtime::Shutdown;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,19 +20,69 @@ struct Handle {
     key: Option<String>,
 }
 
-/// The open connections, by id. Touched when a connection opens or closes, at shutdown, and
-/// once per ping interval; never per event.
-#[derive(Default)]
+/// The most revocations remembered for handshakes in flight; past it the oldest are
+/// forgotten (and a handshake that began before them is asked to try again).
+const MOST_REMEMBERED: usize = 100_000;
+
+/// The open connections, by id, and the revocations of the last moments. Touched when a
+/// connection opens or closes, at a revocation, at shutdown, and once per ping interval;
+/// never per event.
 pub(crate) struct Connections {
     // A std mutex: nothing awaits while it is held.
-    open: Mutex<HashMap<u64, Handle>>,
+    state: Mutex<State>,
+    /// How long a revocation is remembered: longer than a handshake's credentials check may
+    /// take.
+    remember_for: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    open: HashMap<u64, Handle>,
+    /// Revocations made so far; a handshake notes it before its credentials are checked.
+    revocations: u64,
+    /// The recent ones: their number, when, and the key.
+    recent: VecDeque<(u64, tokio::time::Instant, String)>,
+    /// The number of the last revocation forgotten.
+    forgotten_up_to: u64,
+}
+
+/// Why a connection was not listed.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum NotListed {
+    /// Its principal was revoked after the handshake noted [`Connections::revocations`].
+    Revoked,
+    /// Revocations made since that note were forgotten: the handshake took too long to tell.
+    Unknown,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(20))
+    }
 }
 
 impl Connections {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Handle>> {
-        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    /// Remembering each revocation `remember_for`.
+    pub(crate) fn new(remember_for: Duration) -> Self {
+        Self {
+            state: Mutex::default(),
+            remember_for,
+        }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many revocations were made so far: noted by a handshake before it checks the
+    /// credentials, and handed back to [`insert`](Self::insert).
+    pub(crate) fn revocations(&self) -> u64 {
+        self.lock().revocations
+    }
+
+    /// Lists a connection, unless its principal (`key`) was revoked after the handshake noted
+    /// `revocations_before` (its credentials were checked before the revocation was made, and
+    /// it would otherwise be admitted after the revocation closed the others).
     pub(crate) fn insert(
         &self,
         id: u64,
@@ -40,8 +90,26 @@ impl Connections {
         queue: Arc<SendQueue>,
         expires_at: Option<DateTime<Utc>>,
         key: Option<String>,
-    ) {
-        self.lock().insert(
+        revocations_before: u64,
+    ) -> Result<(), NotListed> {
+        let mut state = self.lock();
+        if let Some(key) = &key
+            && state.revocations > revocations_before
+        {
+            if state.forgotten_up_to > revocations_before {
+                return Err(NotListed::Unknown);
+            }
+            let revoked = state
+                .recent
+                .iter()
+                .rev()
+                .take_while(|(number, _, _)| *number > revocations_before)
+                .any(|(_, _, revoked)| revoked == key);
+            if revoked {
+                return Err(NotListed::Revoked);
+            }
+        }
+        state.open.insert(
             id,
             Handle {
                 close,
@@ -50,23 +118,40 @@ impl Connections {
                 key,
             },
         );
+        Ok(())
     }
 
     pub(crate) fn remove(&self, id: u64) {
-        self.lock().remove(&id);
+        self.lock().open.remove(&id);
     }
 
     /// Closes every connection with `ending`.
     pub(crate) fn close_all(&self, ending: Ending) {
-        for handle in self.lock().values() {
+        for handle in self.lock().open.values() {
             handle.close.close(ending);
         }
     }
 
     /// Closes with `ending` every connection of the principal whose key is `key`; returns how
-    /// many this call closed (not those already closing).
+    /// many this call closed (not those already closing). Remembers the revocation for the
+    /// handshakes whose credentials are being checked now.
     pub(crate) fn close_keyed(&self, key: &str, ending: Ending) -> usize {
-        self.lock()
+        let now = tokio::time::Instant::now();
+        let mut state = self.lock();
+        state.revocations += 1;
+        let number = state.revocations;
+        state.recent.push_back((number, now, key.to_owned()));
+        let remember_for = self.remember_for;
+        while let Some((number, at, _)) = state.recent.front() {
+            let stale = now.saturating_duration_since(*at) > remember_for;
+            if !(stale || state.recent.len() > MOST_REMEMBERED) {
+                break;
+            }
+            state.forgotten_up_to = *number;
+            state.recent.pop_front();
+        }
+        state
+            .open
             .values()
             .filter(|handle| handle.key.as_deref() == Some(key) && handle.close.close(ending))
             .count()
@@ -79,7 +164,7 @@ impl Connections {
     /// Returns how many connections this call closed.
     pub(crate) fn tick(&self, now: DateTime<Utc>) -> u64 {
         let mut expired = 0;
-        for handle in self.lock().values() {
+        for handle in self.lock().open.values() {
             if handle.expires_at.is_some_and(|at| at <= now) {
                 // Counted once: a closing connection stays listed until its task ends.
                 if handle.close.close(Ending::EXPIRED) {
@@ -142,6 +227,53 @@ pub(crate) async fn keepalive(
 mod tests {
     use super::*;
     use cqrs_core::clock::SystemClock;
+
+    fn listed(
+        connections: &Connections,
+        id: u64,
+        key: &str,
+        revocations_before: u64,
+    ) -> Result<(), NotListed> {
+        connections.insert(
+            id,
+            Arc::default(),
+            Arc::new(SendQueue::new(4)),
+            None,
+            Some(key.to_owned()),
+            revocations_before,
+        )
+    }
+
+    /// A listing is refused for a key revoked after its handshake noted the revocations, and
+    /// only for that key; noted after, it is listed. A revocation forgotten (past the time a
+    /// check may take) leaves a handshake that noted before it unable to tell: `Unknown`.
+    #[tokio::test(start_paused = true)]
+    async fn a_key_revoked_after_the_note_is_not_listed() {
+        let connections = Connections::new(Duration::from_secs(1));
+        let before = connections.revocations();
+        assert_eq!(connections.close_keyed("a", Ending::REVOKED), 0);
+        assert_eq!(
+            listed(&connections, 1, "a", before),
+            Err(NotListed::Revoked)
+        );
+        assert_eq!(listed(&connections, 2, "b", before), Ok(()));
+        let after = connections.revocations();
+        assert_eq!(listed(&connections, 3, "a", after), Ok(()));
+        assert_eq!(
+            connections.close_keyed("a", Ending::REVOKED),
+            1,
+            "the one listed"
+        );
+
+        let noted = connections.revocations();
+        connections.close_keyed("c", Ending::REVOKED);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // The next revocation forgets the one older than a second.
+        connections.close_keyed("d", Ending::REVOKED);
+        assert_eq!(listed(&connections, 4, "e", noted), Err(NotListed::Unknown));
+        let now = connections.revocations();
+        assert_eq!(listed(&connections, 5, "c", now), Ok(()));
+    }
 
     /// The keepalive ends when the hub stops, not at its next tick a ping interval later.
     #[tokio::test(start_paused = true)]

@@ -497,6 +497,9 @@ impl<P: Send + Sync + 'static> Hub<P> {
         // listing of the connection would miss it.
         self.revocations_heard().await;
         let inner = &self.inner;
+        // Noted before the check too: a revocation of this principal made while it runs (the
+        // credentials read before they were refused) refuses the handshake at its listing.
+        let revocations_before = inner.connections.revocations();
         let token = match bearer_token(headers, uri) {
             Ok(token) => token,
             Err((challenge, message)) => {
@@ -534,7 +537,7 @@ impl<P: Send + Sync + 'static> Hub<P> {
                 return unauthorized(refusal.message(), Challenge::InvalidToken);
             }
         };
-        self.admit(upgrade, principal, client)
+        self.admit(upgrade, principal, client, revocations_before)
     }
 
     /// The handshake of a principal the server authenticated itself (a session cookie, an
@@ -593,7 +596,8 @@ impl<P: Send + Sync + 'static> Hub<P> {
             return refused;
         }
         self.revocations_heard().await;
-        self.admit(upgrade, principal, client)
+        let revocations_before = self.inner.connections.revocations();
+        self.admit(upgrade, principal, client, revocations_before)
     }
 
     /// Waits, while the hub's listener for revocations from other instances makes its first
@@ -633,6 +637,7 @@ impl<P: Send + Sync + 'static> Hub<P> {
         upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
         principal: P,
         client: Option<ClientKey>,
+        revocations_before: u64,
     ) -> Response {
         let inner = &self.inner;
         // Asked once; the connection is closed then. Credentials already expired would be
@@ -752,14 +757,38 @@ impl<P: Send + Sync + 'static> Hub<P> {
             close: Default::default(),
             metrics: inner.metrics.clone(),
         });
-        inner.connections.insert(
+        let listed = inner.connections.insert(
             conn.id,
             conn.close.clone(),
             conn.queue.clone(),
             expires_at,
             slot.key.clone(),
+            revocations_before,
         );
-        slot.listed = Some(conn.id);
+        match listed {
+            Ok(()) => slot.listed = Some(conn.id),
+            Err(crate::connections::NotListed::Revoked) => {
+                drop(slot);
+                inner.metrics.refused("revoked");
+                return unauthorized(
+                    "the credentials were revoked while they were checked",
+                    Challenge::InvalidToken,
+                );
+            }
+            Err(crate::connections::NotListed::Unknown) => {
+                drop(slot);
+                inner.metrics.refused("unavailable");
+                return retry_after(
+                    error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "the handshake took too long to tell whether its credentials were \
+                         revoked meanwhile; try again",
+                    ),
+                    "1",
+                );
+            }
+        }
         let hub = inner.clone();
         // The connection's lines carry its id (the task axum spawns for the upgrade has no
         // span), at `error` level so a `warn` filter keeps it. Not inside the request's span,
@@ -822,11 +851,16 @@ impl<P: Send + Sync + 'static> Hub<P> {
     /// It closes the connections listed now: every handshake past its authentication is,
     /// before its client gets the answer, so also one whose upgrade has not completed. Make
     /// the [`Authenticator`] refuse the revoked credentials first, then call this. A handshake
-    /// whose authentication was still running then (it may take up to
-    /// [`operation_timeout`](HubOptions::operation_timeout)), having read the credentials
-    /// before they were refused, is admitted after the call and stays open: to close those
-    /// too, call this again once that time has passed. One pass over the open connections,
-    /// under the lock their opening and closing take; nothing on the path of an event.
+    /// of the principal whose authentication was still running then (it may take up to
+    /// [`operation_timeout`](HubOptions::operation_timeout)), and may have read the
+    /// credentials before they were refused, is refused when it ends (401, counted as
+    /// `revoked` in `realtime_handshakes_refused_total`): the hub remembers each revocation
+    /// for twice that time, and checks a handshake against those made since it began, with
+    /// its listing, under one lock. (A handshake that outlasted that memory is asked to try
+    /// again: 503 `unavailable`.) For [`handle_authenticated`](Self::handle_authenticated),
+    /// the server's own check came before the hub's part began: revoke the session there
+    /// first. One pass over the open connections, under the lock their opening and closing
+    /// take; nothing on the path of an event.
     ///
     /// Only this hub's connections: a principal connected to the hub of another instance
     /// keeps its connections there. [`close_connections_everywhere`](Self::close_connections_everywhere)
@@ -1093,6 +1127,12 @@ impl<P: Send + Sync + 'static> HubBuilder<P> {
         // room for a control frame tungstenite may have left in it (its automatic pong to a
         // client's ping, when the socket was full: 2 + 125 bytes at most), which would make an
         // event frame at the limit fail to buffer and drop the connection without a close.
+        // Longer than a handshake's credentials check may take (`operation_timeout`).
+        let remember_revocations = self
+            .options
+            .operation_timeout
+            .saturating_mul(2)
+            .max(std::time::Duration::from_secs(1));
         let max_event_frame = (self.options.max_write_buffer_size - self.options.write_buffer_size)
             .saturating_sub(14 + 2 + 125);
         let registry = Arc::new(Registry::new(authorizer, max_event_frame));
@@ -1120,7 +1160,7 @@ impl<P: Send + Sync + 'static> HubBuilder<P> {
                 registry,
                 upstreams,
                 metrics,
-                connections: Arc::new(Connections::default()),
+                connections: Arc::new(Connections::new(remember_revocations)),
                 clock: self.clock,
                 stop,
                 stopped,

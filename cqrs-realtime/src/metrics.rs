@@ -17,10 +17,12 @@ pub mod names {
     pub const IDLE_CLOSES: &str = "realtime_idle_closes_total";
     /// Counter: connections closed with 1008 because their principal's credentials expired.
     pub const EXPIRED_CLOSES: &str = "realtime_expired_closes_total";
-    /// Counter: handshakes refused, labelled `reason` = `unauthorized`, `not_websocket`,
+    /// Counter: handshakes refused, labelled `reason` = `unauthorized`, `revoked` (the
+    /// principal was revoked while its credentials were checked), `not_websocket`,
     /// `too_many_connections`, `too_many_connections_for_principal`,
     /// `too_many_connections_for_client`, `shutting_down` or
-    /// `unavailable` (the authenticator could not check the credentials).
+    /// `unavailable` (the authenticator could not check the credentials, or the handshake
+    /// outlasted the hub's memory of revocations).
     pub const HANDSHAKES_REFUSED: &str = "realtime_handshakes_refused_total";
     /// Counter: channel messages the hub missed because it fell behind the pub/sub.
     pub const UPSTREAM_MISSED: &str = "realtime_upstream_missed_total";

@@ -254,7 +254,7 @@ impl TestHub {
         .await
     }
 
-    async fn start_authenticated(
+    pub(crate) async fn start_authenticated(
         authenticator: impl Authenticator<Principal = User>,
         pubsub: Arc<dyn PubSub>,
         options: HubOptions,
