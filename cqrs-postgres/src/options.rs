@@ -1209,6 +1209,8 @@ mod tests {
             .with_ansi(false)
             .finish();
         let typo = "postgres://app@db/app?sslpassword=hunter2&application_name=svc&pasword=hunter3";
+        // Else a warning another test reached first on its own thread could be lost here.
+        cqrs_core::testing::scoped_subscribers_see_every_callsite();
         let (kept, question) = tracing::subscriber::with_default(subscriber, || {
             let kept = PgOptions::new(typo).checked().unwrap();
             let question = PgOptions::new("postgres://app:20?24hunter4@db/app").checked();

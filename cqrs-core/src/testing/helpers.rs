@@ -191,6 +191,56 @@ pub fn long() -> bool {
     std::env::var("CQRS_LONG").as_deref() == Ok("1")
 }
 
+/// Makes a subscriber a test installs for its own thread (`tracing::subscriber::set_default`,
+/// `with_default`) see every log line, also one that another thread reached first. Call it
+/// before installing the subscriber; calling it again does nothing.
+///
+/// Why: while a process has one subscriber registered (the test's scoped one, no global
+/// one), `tracing` asks only the thread that reaches a log line first whether anyone wants
+/// it, and caches the answer. When that thread is another test's, which has no subscriber,
+/// the answer is "never", and the line is never logged again in that process, on the test's
+/// thread too: a test that reads its logs fails now and then, when tests run in parallel.
+/// This registers a second subscriber, which wants nothing, for the rest of the process, so
+/// that every registered subscriber is asked instead.
+///
+/// ```rust,standalone_crate
+/// use cqrs_core::reexports::tracing::{self, Event, Metadata, Subscriber, span};
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+///
+/// /// Counts the lines it is given.
+/// struct Counter(Arc<AtomicUsize>);
+///
+/// impl Subscriber for Counter {
+///     fn enabled(&self, _: &Metadata<'_>) -> bool { true }
+///     fn new_span(&self, _: &span::Attributes<'_>) -> span::Id { span::Id::from_u64(1) }
+///     fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+///     fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+///     fn event(&self, _: &Event<'_>) { self.0.fetch_add(1, Ordering::SeqCst); }
+///     fn enter(&self, _: &span::Id) {}
+///     fn exit(&self, _: &span::Id) {}
+/// }
+///
+/// fn log() {
+///     tracing::warn!("a line other tests reach too");
+/// }
+///
+/// cqrs_core::testing::scoped_subscribers_see_every_callsite();
+/// let seen = Arc::new(AtomicUsize::new(0));
+/// let _guard = tracing::subscriber::set_default(Counter(seen.clone()));
+/// // Another test's thread, with no subscriber, reaches the line first...
+/// std::thread::spawn(log).join().unwrap();
+/// // ...and the line this test logs is seen all the same.
+/// log();
+/// assert_eq!(seen.load(Ordering::SeqCst), 1);
+/// ```
+pub fn scoped_subscribers_see_every_callsite() {
+    static WANTS_NOTHING: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+    // `Dispatch::new` registers it; the static keeps it registered.
+    WANTS_NOTHING
+        .get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
+}
+
 #[cfg(test)]
 mod tests {
     use super::{eventually, eventually_ok, no_harness, without_user_info};

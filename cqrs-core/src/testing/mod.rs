@@ -93,7 +93,10 @@ pub use given::{
 };
 #[doc(hidden)]
 pub use helpers::__no_harness;
-pub use helpers::{eventually, eventually_ok, long, require_services, test_id, with_timeout};
+pub use helpers::{
+    eventually, eventually_ok, long, require_services, scoped_subscribers_see_every_callsite,
+    test_id, with_timeout,
+};
 pub use metric_counts::{MetricCounts, Scoped};
 
 use async_trait::async_trait;

@@ -974,6 +974,8 @@ impl tracing::Subscriber for Errors {
 fn a_worker_failing_while_it_stops_is_logged() {
     let errors = Arc::new(Errors::default());
     let dispatch = tracing::Dispatch::from(errors.clone());
+    // Else a line another test reached first on its own thread could be lost here.
+    cqrs_core::testing::scoped_subscribers_see_every_callsite();
     tracing::dispatcher::with_default(&dispatch, || {
         run(async {
             let runtime = Runtime::builder().worker(FailsWhileStopping).start();

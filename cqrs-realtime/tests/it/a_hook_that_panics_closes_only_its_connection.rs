@@ -219,6 +219,8 @@ fn an_authorizer_that_panics_on_an_event_is_logged_once_for_its_subscribers() {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
+    // Else a line another test reached first on its own thread could be lost here.
+    cqrs_core::testing::scoped_subscribers_see_every_callsite();
     let _guard = tracing::subscriber::set_default(subscriber);
     let panics = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // One thread: the hub's tasks log where the guard is.

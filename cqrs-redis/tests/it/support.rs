@@ -483,6 +483,8 @@ impl Captured {
             .with_ansi(false)
             .with_writer(move || writer.clone())
             .finish();
+        // Else a warning another test reached first on its own thread could be lost here.
+        cqrs_core::testing::scoped_subscribers_see_every_callsite();
         (captured, tracing::subscriber::set_default(subscriber))
     }
 
