@@ -131,7 +131,8 @@ impl<P> Clone for Hub<P> {
 }
 
 /// A handle on a [`Hub`] that does not keep it alive: [`upgrade`](Self::upgrade) gives the hub
-/// while a [`Hub`] clone (the router's, the server's) is still held, and `None` after.
+/// while it lives (a [`Hub`] clone is held, the router's or the server's, or one of its
+/// connections is still open or closing), and `None` after.
 ///
 /// Hold one where a `Hub` clone would make a cycle: in a bus handler that closes connections
 /// (a logout) when the hub's own [`Authorizer`](crate::Authorizer) or

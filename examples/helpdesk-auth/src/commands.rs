@@ -16,6 +16,7 @@ use serde_json::json;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use uuid::Uuid;
 
 /// Registers a user.
@@ -107,12 +108,14 @@ pub struct LogOut {
 
 /// A logout, once its tokens are refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LoggedOut {
     /// How many of the user's realtime connections this instance closed.
     pub connections_closed_here: usize,
     /// Whether the other instances were told to close theirs. `false` when they could not
-    /// be (the pub/sub was unreachable; it is logged): theirs stay open until their tokens
-    /// expire, but no new one opens with those tokens.
+    /// be (the pub/sub was unreachable; it is logged): they are told again in the background
+    /// for 30 s, past which theirs stay open until their tokens expire (no new one opens
+    /// with those tokens).
     pub others_told: bool,
 }
 
@@ -789,10 +792,16 @@ impl CommandHandler<LogIn> for LogInHandler {
     }
 }
 
+/// How long a logout keeps trying to tell the other instances, in the background, when its
+/// first try failed (Redis away).
+pub(crate) const TELL_OTHERS_FOR: Duration = Duration::from_secs(30);
+
 /// Handles [`LogOut`].
 pub(crate) struct LogOutHandler {
     pub(crate) users: Arc<dyn UserStore>,
     pub(crate) sessions: helpdesk_api::LiveSessions,
+    /// [`TELL_OTHERS_FOR`], shorter in tests.
+    pub(crate) tell_others_for: Duration,
 }
 
 #[async_trait]
@@ -802,26 +811,72 @@ impl CommandHandler<LogOut> for LogOutHandler {
         cmd: LogOut,
         _ctx: &mut CommandContext,
     ) -> Result<LoggedOut, HandlerError> {
-        // The tokens first: a connection closed before they were refused could open again
-        // with one of them.
-        if self.users.log_out(cmd.user).await?.is_none() {
-            return Err(HandlerError::unauthorized(
+        let (users, sessions, user) = (self.users.clone(), self.sessions.clone(), cmd.user);
+        let tell_others_for = self.tell_others_for;
+        // In a task of its own: a request dropped once the count went up (past its time
+        // budget, its client gone) still closes the connections.
+        let done = tokio::spawn(async move {
+            // The tokens first: a connection closed before they were refused could open
+            // again with one of them.
+            let counted = users.log_out(user).await;
+            // Closed also when the store failed, and may have counted it all the same: a
+            // retry would then find the token ended (401) and close nothing. A connection
+            // closed in vain opens again; one left open would outlive its tokens.
+            let closed = match &counted {
+                Ok(None) => None,
+                Ok(Some(_)) | Err(_) => Some(sessions.close_everywhere(user).await),
+            };
+            if let Some(Err(e)) = closed.as_ref().map(|c| &c.elsewhere) {
+                tracing::warn!(
+                    user = %user,
+                    error = %e,
+                    "a logout could not tell the other instances to close the user's realtime \
+                     connections; trying again in the background"
+                );
+                tokio::spawn(tell_the_others_later(sessions, user, tell_others_for));
+            }
+            (counted, closed)
+        });
+        let (counted, closed) = done.await.map_err(HandlerError::internal)?;
+        match counted? {
+            None => Err(HandlerError::unauthorized(
                 helpdesk_api::AuthError::UnknownUser.to_string(),
-            ));
+            )),
+            Some(_) => {
+                let closed = closed.expect("closed once counted");
+                Ok(LoggedOut {
+                    connections_closed_here: closed.here,
+                    others_told: closed.elsewhere.is_ok(),
+                })
+            }
         }
-        let closed = self.sessions.close_everywhere(cmd.user).await;
-        if let Err(e) = &closed.elsewhere {
-            tracing::warn!(
-                user = %cmd.user,
-                error = %e,
-                "a logout could not tell the other instances to close the user's realtime \
-                 connections: theirs stay open until their tokens expire"
-            );
+    }
+}
+
+/// Tells the other instances to close `user`'s connections, every 100 ms to 5 s, until it
+/// works or `within` has passed (their connections then stay open until the tokens expire,
+/// which it logs).
+async fn tell_the_others_later(sessions: helpdesk_api::LiveSessions, user: Uuid, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        tokio::time::sleep(delay).await;
+        match sessions.close_everywhere(user).await.elsewhere {
+            Ok(()) => {
+                tracing::info!(user = %user, "told the other instances of a logout, late");
+                return;
+            }
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                tracing::warn!(
+                    user = %user,
+                    error = %e,
+                    "gave up telling the other instances of a logout: the user's realtime \
+                     connections there stay open until their tokens expire (no new one opens)"
+                );
+                return;
+            }
+            Err(_) => delay = (delay * 2).min(Duration::from_secs(5)),
         }
-        Ok(LoggedOut {
-            connections_closed_here: closed.here,
-            others_told: closed.elsewhere.is_ok(),
-        })
     }
 }
 
@@ -1039,22 +1094,45 @@ mod tests {
         }
     }
 
-    /// Closes nothing elsewhere: its pub/sub is away.
-    struct PubSubAway;
+    /// Closes nothing elsewhere for its first `away` calls (its pub/sub is away), then does;
+    /// counts the calls.
+    #[derive(Default)]
+    struct PubSubAway {
+        away: usize,
+        calls: std::sync::atomic::AtomicUsize,
+    }
 
     #[async_trait]
     impl helpdesk_api::CloseSessions for PubSubAway {
         async fn close_everywhere(&self, _user: Uuid) -> helpdesk_api::ClosedSessions {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst);
             helpdesk_api::ClosedSessions {
                 here: 2,
-                elsewhere: Err("redis: connection refused".into()),
+                elsewhere: if call < self.away {
+                    Err("redis: connection refused".into())
+                } else {
+                    Ok(())
+                },
             }
         }
     }
 
-    /// A logout whose other instances cannot be told still ends the tokens, and says the
-    /// others were not told; a user who no longer exists is told so, and nothing is closed.
-    #[tokio::test]
+    /// Waits (on the paused clock) until `sessions` was called `calls` times, then a while
+    /// longer to see no more come.
+    async fn called(sessions: &PubSubAway, calls: usize) {
+        let within = tokio::time::Instant::now() + Duration::from_secs(120);
+        while sessions.calls.load(Ordering::SeqCst) < calls {
+            assert!(tokio::time::Instant::now() < within, "{calls} calls");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(sessions.calls.load(Ordering::SeqCst), calls);
+    }
+
+    /// A logout whose other instances cannot be told still ends the tokens, says the others
+    /// were not told, and tells them in the background once it can; past its time it stops
+    /// trying. A user who no longer exists is told so, and nothing is closed.
+    #[tokio::test(start_paused = true)]
     async fn a_logout_the_other_instances_miss_still_ends_the_tokens() {
         let users = Arc::new(InMemoryUserStore::default());
         let user = UserRecord {
@@ -1068,32 +1146,45 @@ mod tests {
         };
         let id = user.id;
         users.create(user).await.unwrap();
-        let sessions = helpdesk_api::LiveSessions::new();
-        sessions.set(Arc::new(PubSubAway));
-        let handler = LogOutHandler {
-            users: users.clone(),
-            sessions,
+        let handler = |away: usize| {
+            let closer = Arc::new(PubSubAway {
+                away,
+                ..PubSubAway::default()
+            });
+            let sessions = helpdesk_api::LiveSessions::new();
+            sessions.set(closer.clone());
+            let handler = LogOutHandler {
+                users: users.clone(),
+                sessions,
+                tell_others_for: Duration::from_secs(2),
+            };
+            (handler, closer)
         };
         let mut ctx = CommandContext::new(Metadata::new());
-        let out = handler.handle(LogOut { user: id }, &mut ctx).await.unwrap();
-        assert_eq!(
-            out,
-            LoggedOut {
-                connections_closed_here: 2,
-                others_told: false
-            }
-        );
+        let missed = LoggedOut {
+            connections_closed_here: 2,
+            others_told: false,
+        };
+        // Told at the fourth try, the third in the background.
+        let (told_later, closer) = handler(3);
+        let out = told_later.handle(LogOut { user: id }, &mut ctx).await;
+        assert_eq!(out.unwrap(), missed);
         assert_eq!(users.by_id(id).await.unwrap().unwrap().logouts, 1);
+        called(&closer, 4).await;
+        // Never told: tries again for two seconds (after 100 ms, then 200, 400, 800, 1,600),
+        // then stops.
+        let (never_told, closer) = handler(usize::MAX);
+        let out = never_told.handle(LogOut { user: id }, &mut ctx).await;
+        assert_eq!(out.unwrap(), missed);
+        called(&closer, 6).await;
 
-        let gone = handler
-            .handle(
-                LogOut {
-                    user: Uuid::now_v7(),
-                },
-                &mut ctx,
-            )
-            .await;
-        assert_eq!(gone.unwrap_err().kind(), ErrorKind::Unauthorized);
+        let (gone, closer) = handler(0);
+        let nobody = LogOut {
+            user: Uuid::now_v7(),
+        };
+        let out = gone.handle(nobody, &mut ctx).await;
+        assert_eq!(out.unwrap_err().kind(), ErrorKind::Unauthorized);
+        assert_eq!(closer.calls.load(Ordering::SeqCst), 0, "nothing to close");
     }
 
     /// A throttle in memory whose `attempt` (`failing`) or `succeeded` (`failing_back`) fails

@@ -65,6 +65,7 @@ impl Plugin for AuthPlugin {
         let buses: BusHandle = registrar.resource()?;
         if let Some(db) = &backends.postgres {
             registrar.contribute(postgres::migration(db.schema()));
+            registrar.contribute(postgres::logouts_migration(db.schema()));
         }
         let users: Arc<dyn UserStore> = match (
             registrar.try_resource::<Arc<dyn UserStore>>(),
@@ -155,6 +156,7 @@ impl Plugin for AuthPlugin {
         registrar.commands().add(commands::LogOutHandler {
             users: users.clone(),
             sessions,
+            tell_others_for: commands::TELL_OTHERS_FOR,
         });
         registrar.queries().add(commands::GetUserHandler {
             users: users.clone(),

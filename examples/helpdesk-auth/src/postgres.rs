@@ -88,9 +88,21 @@ pub(crate) fn migration(schema: &str) -> Migration {
                 at timestamptz NOT NULL
             );
             CREATE INDEX IF NOT EXISTS login_failures_key_at ON {schema}.login_failures (key, at);
-            CREATE INDEX IF NOT EXISTS login_failures_at ON {schema}.login_failures (at);
-            ALTER TABLE {schema}.users ADD COLUMN IF NOT EXISTS logouts bigint NOT NULL DEFAULT 0
-                CHECK (logouts >= 0);"
+            CREATE INDEX IF NOT EXISTS login_failures_at ON {schema}.login_failures (at);"
+        ),
+    }
+}
+
+/// The users' count of logouts, added to a table made before it. A migration of its own: a
+/// changed text runs again whole (the one above would retake its tables' locks), and this
+/// one locks `users` once, at the first start of the release that brings it. Without a
+/// constraint (whose `ADD COLUMN IF NOT EXISTS` older servers would add again at each run):
+/// a negative count set by hand reads as 0, and the next logout starts from 0.
+pub(crate) fn logouts_migration(schema: &str) -> Migration {
+    Migration {
+        name: "auth.users_logouts",
+        sql: format!(
+            "ALTER TABLE {schema}.users ADD COLUMN IF NOT EXISTS logouts bigint NOT NULL DEFAULT 0;"
         ),
     }
 }
@@ -129,7 +141,8 @@ impl PgUserStore {
             )
             .into(),
             log_out: format!(
-                "UPDATE {schema}.users SET logouts = logouts + 1 WHERE id = $1 RETURNING logouts"
+                "UPDATE {schema}.users SET logouts = GREATEST(logouts, 0) + 1 WHERE id = $1 \
+                 RETURNING logouts"
             )
             .into(),
         }
@@ -184,7 +197,7 @@ impl PgUserStore {
     }
 }
 
-/// The `logouts` column, which its constraint keeps at 0 or more.
+/// The `logouts` column: a negative one (set by hand) reads as 0.
 fn logouts(stored: i64) -> u64 {
     u64::try_from(stored).unwrap_or(0)
 }

@@ -31,6 +31,7 @@ struct Claims {
 
 /// What a token says, once [`JwtTokens::decode`] checked it.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DecodedToken {
     /// The user it was issued to, with the role it was issued with.
     pub user: User,

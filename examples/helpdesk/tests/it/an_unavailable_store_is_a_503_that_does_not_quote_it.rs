@@ -17,12 +17,14 @@ use uuid::Uuid;
 const SECRET: &str = "pool timed out on db-7.internal: relation auth_secret_users";
 
 /// Users in memory, or, once `down`, a store that fails as Postgres would, quoting `SECRET`;
-/// once `hung`, one that never answers (a database that stopped responding).
+/// once `hung`, one that never answers (a database that stopped responding); once
+/// `logouts_lost`, one that counts a logout and then fails as if its answer was lost.
 #[derive(Clone, Default)]
 pub struct FailingUsers {
     pub users: InMemoryUserStore,
     pub down: Arc<AtomicBool>,
     pub hung: Arc<AtomicBool>,
+    pub logouts_lost: Arc<AtomicBool>,
 }
 
 impl FailingUsers {
@@ -71,7 +73,14 @@ impl UserStore for FailingUsers {
 
     async fn log_out(&self, id: Uuid) -> Result<Option<u64>, StoreError> {
         self.check().await?;
-        self.users.log_out(id).await
+        let counted = self.users.log_out(id).await;
+        if self.logouts_lost.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable {
+                backend: "postgres",
+                source: SECRET.into(),
+            });
+        }
+        counted
     }
 }
 

@@ -97,6 +97,34 @@ async fn a_logout_ends_the_users_tokens_and_websockets_and_nobody_elses() {
     .await;
 }
 
+/// A logout the store counted but whose answer it lost (a 503) has closed the user's sockets
+/// all the same: sent again, it finds the token ended (401) and would close nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_whose_answer_the_store_lost_still_closes_the_websockets() {
+    within(async {
+        let users =
+            crate::an_unavailable_store_is_a_503_that_does_not_quote_it::FailingUsers::default();
+        let s =
+            TestServer::start_with_hooks(Backend::from_env().await, users.hooks(), |_| {}).await;
+        let (ada, _) = s.customer().await;
+        let mut ws = connect(&s, &ada).await;
+        subscribe(&mut ws, "tickets").await;
+
+        users
+            .logouts_lost
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        log_out(&s, &ada)
+            .await
+            .assert_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+        let frame = closed(&mut ws).await;
+        assert_eq!(frame.code, CloseCode::Policy);
+        assert_eq!(frame.reason.as_str(), "credentials revoked");
+        assert_logged_out(&log_out(&s, &ada).await);
+        s.stop().await;
+    })
+    .await;
+}
+
 /// Two instances on one Postgres and Redis: a logout sent to A ends the token on B, and closes
 /// the user's socket on B (told over Redis pub/sub).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,6 +154,39 @@ async fn a_logout_on_one_instance_closes_the_users_websockets_on_the_other() {
         assert_eq!(b.get("/auth/me", &again).await.status, StatusCode::OK);
         a.stop().await;
         b.stop().await;
+    })
+    .await;
+}
+
+/// A database of a release before logouts were counted (its `users` without `logouts`) gets
+/// the column at the next start, its users at 0: their tokens keep working, and a logout
+/// ends them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_from_before_logouts_gets_the_count_and_keeps_its_tokens() {
+    within_for(Duration::from_secs(150), async {
+        let Some(backend) = Backend::postgres().await else {
+            return;
+        };
+        let (database_url, schema) = backend.database().unwrap();
+        let old = TestServer::start_on(backend.shared(), |_| {}).await;
+        let (ada, _) = old.customer().await;
+        old.stop().await;
+        // As the release before left it.
+        execute(
+            &database_url,
+            &format!(
+                "ALTER TABLE {schema}.users DROP COLUMN logouts; \
+                 DELETE FROM {schema}.helpdesk_migrations WHERE name LIKE '%users_logouts'"
+            ),
+        )
+        .await;
+
+        let s = TestServer::start_on(backend, |_| {}).await;
+        let me = s.get("/auth/me", &ada).await;
+        assert_eq!(me.status, StatusCode::OK, "{me:?}");
+        assert_eq!(log_out(&s, &ada).await.status, StatusCode::NO_CONTENT);
+        assert_logged_out(&s.get("/auth/me", &ada).await);
+        s.stop().await;
     })
     .await;
 }
@@ -172,6 +233,17 @@ async fn a_stopped_server_lets_go_of_its_database_connections() {
         }
     })
     .await;
+}
+
+/// Runs `sql` (one or more statements) on a connection of its own.
+async fn execute(database_url: &str, sql: &str) {
+    use cqrs_postgres::sqlx::{self, Connection};
+    let mut conn = sqlx::PgConnection::connect(database_url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
 }
 
 /// One number from `sql`, on a connection of its own.
