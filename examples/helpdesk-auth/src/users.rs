@@ -155,11 +155,9 @@ impl UserStore for InMemoryUserStore {
 mod tests {
     use super::*;
 
-    /// Emails compare lower-case whatever case the caller gives, as in Postgres.
-    #[tokio::test]
-    async fn emails_compare_lower_case() {
-        let store = InMemoryUserStore::default();
-        let user = |email: &str| UserRecord {
+    /// A customer with this email, who never logged out.
+    fn user(email: &str) -> UserRecord {
+        UserRecord {
             id: Uuid::now_v7(),
             email: email.to_owned(),
             role: Role::Customer,
@@ -167,7 +165,13 @@ mod tests {
             password_hash: String::new(),
             created_at: Utc::now(),
             logouts: 0,
-        };
+        }
+    }
+
+    /// Emails compare lower-case whatever case the caller gives, as in Postgres.
+    #[tokio::test]
+    async fn emails_compare_lower_case() {
+        let store = InMemoryUserStore::default();
         store.create(user("Ada@Example.com")).await.unwrap();
         let found = store.by_email("ada@example.com").await.unwrap().unwrap();
         assert_eq!(found.email, "ada@example.com");
@@ -182,15 +186,6 @@ mod tests {
     #[tokio::test]
     async fn a_logout_counts_for_its_user_only() {
         let store = InMemoryUserStore::default();
-        let user = |email: &str| UserRecord {
-            id: Uuid::now_v7(),
-            email: email.to_owned(),
-            role: Role::Customer,
-            display_name: None,
-            password_hash: String::new(),
-            created_at: Utc::now(),
-            logouts: 0,
-        };
         let (ada, bob) = (user("ada@example.com"), user("bob@example.com"));
         let (ada_id, bob_id) = (ada.id, bob.id);
         store.create(ada).await.unwrap();

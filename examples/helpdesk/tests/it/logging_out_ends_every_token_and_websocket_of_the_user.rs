@@ -31,6 +31,13 @@ async fn still_served(s: &TestServer, token: &str, ws: &mut Ws) {
     assert_eq!(frame["event"]["ticket_id"], ticket["id"], "{frame}");
 }
 
+/// `ws` is closed with 1008 `credentials revoked`.
+async fn closed_as_revoked(ws: &mut Ws) {
+    let frame = closed(ws).await;
+    assert_eq!(frame.code, CloseCode::Policy);
+    assert_eq!(frame.reason.as_str(), "credentials revoked");
+}
+
 /// A handshake with `token` is refused with 401.
 async fn handshake_refused(s: &TestServer, token: &str) {
     let url = format!("{}/ws?token={token}", s.base.replace("http://", "ws://"));
@@ -67,9 +74,7 @@ async fn a_logout_ends_the_users_tokens_and_websockets_and_nobody_elses() {
         // From the other session: this one's socket closes all the same.
         let r = log_out(&s, &ada_elsewhere).await;
         assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
-        let frame = closed(&mut ada_ws).await;
-        assert_eq!(frame.code, CloseCode::Policy);
-        assert_eq!(frame.reason.as_str(), "credentials revoked");
+        closed_as_revoked(&mut ada_ws).await;
 
         for token in [&ada, &ada_elsewhere] {
             for path in ["/auth/me", "/tickets"] {
@@ -90,7 +95,7 @@ async fn a_logout_ends_the_users_tokens_and_websockets_and_nobody_elses() {
         let mut again_ws = connect(&s, &again).await;
         subscribe(&mut again_ws, "tickets").await;
         assert_eq!(log_out(&s, &again).await.status, StatusCode::NO_CONTENT);
-        assert_eq!(closed(&mut again_ws).await.code, CloseCode::Policy);
+        closed_as_revoked(&mut again_ws).await;
         assert_logged_out(&s.get("/auth/me", &again).await);
         s.stop().await;
     })
@@ -116,9 +121,7 @@ async fn a_logout_whose_answer_the_store_lost_still_closes_the_websockets() {
         log_out(&s, &ada)
             .await
             .assert_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
-        let frame = closed(&mut ws).await;
-        assert_eq!(frame.code, CloseCode::Policy);
-        assert_eq!(frame.reason.as_str(), "credentials revoked");
+        closed_as_revoked(&mut ws).await;
         assert_logged_out(&log_out(&s, &ada).await);
         s.stop().await;
     })
@@ -143,9 +146,7 @@ async fn a_logout_on_one_instance_closes_the_users_websockets_on_the_other() {
         subscribe(&mut bob_on_b, "tickets").await;
 
         assert_eq!(log_out(&a, &ada).await.status, StatusCode::NO_CONTENT);
-        let frame = closed(&mut ada_on_b).await;
-        assert_eq!(frame.code, CloseCode::Policy);
-        assert_eq!(frame.reason.as_str(), "credentials revoked");
+        closed_as_revoked(&mut ada_on_b).await;
         assert_logged_out(&b.get("/auth/me", &ada).await);
         handshake_refused(&b, &ada).await;
 
