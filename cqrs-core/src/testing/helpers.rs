@@ -198,10 +198,12 @@ pub fn long() -> bool {
 /// Why: while a process has one subscriber registered (the test's scoped one, no global
 /// one), `tracing` asks only the thread that reaches a log line first whether anyone wants
 /// it, and caches the answer. When that thread is another test's, which has no subscriber,
-/// the answer is "never", and the line is never logged again in that process, on the test's
-/// thread too: a test that reads its logs fails now and then, when tests run in parallel.
-/// This registers a second subscriber, which wants nothing, for the rest of the process, so
-/// that every registered subscriber is asked instead.
+/// the answer is "never", and the line is not logged on the test's thread either (until a
+/// subscriber is registered again somewhere): a test that reads its logs fails now and then,
+/// when tests run in parallel. This registers a second subscriber, which wants nothing (and
+/// says so for every level, so it lowers no level filter), for the rest of the process, so
+/// that every registered subscriber is asked instead. It helps lines logged on the thread
+/// whose default the test set; a line logged on another thread goes to that one's.
 ///
 /// ```rust,standalone_crate
 /// use cqrs_core::reexports::tracing::{self, Event, Metadata, Subscriber, span};
@@ -226,6 +228,9 @@ pub fn long() -> bool {
 /// }
 ///
 /// cqrs_core::testing::scoped_subscribers_see_every_callsite();
+/// // It wants no level: registered alone, it leaves every level off.
+/// use tracing::level_filters::LevelFilter;
+/// assert_eq!(LevelFilter::current(), LevelFilter::OFF);
 /// let seen = Arc::new(AtomicUsize::new(0));
 /// let _guard = tracing::subscriber::set_default(Counter(seen.clone()));
 /// // Another test's thread, with no subscriber, reaches the line first...
@@ -237,8 +242,35 @@ pub fn long() -> bool {
 pub fn scoped_subscribers_see_every_callsite() {
     static WANTS_NOTHING: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
     // `Dispatch::new` registers it; the static keeps it registered.
-    WANTS_NOTHING
-        .get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
+    WANTS_NOTHING.get_or_init(|| tracing::Dispatch::new(WantsNothing));
+}
+
+/// A subscriber that wants no line and no span, at any level. Unlike `NoSubscriber`, it says
+/// so in its level hint: one without a hint counts as wanting every level, which would keep
+/// `LevelFilter::current()` at `TRACE` for the process.
+struct WantsNothing;
+
+impl tracing::Subscriber for WantsNothing {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::never()
+    }
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::OFF)
+    }
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        false
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(0xDEAD)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
 }
 
 #[cfg(test)]
