@@ -42,6 +42,9 @@ struct State {
     revocations: u64,
     /// The recent ones: their number, when, and the key.
     recent: VecDeque<(u64, tokio::time::Instant, String)>,
+    /// The number of each key's latest revocation among the recent ones: a handshake's
+    /// check is one lookup, however many revocations were made since it began.
+    latest: HashMap<String, u64>,
     /// The number of the last revocation forgotten.
     forgotten_up_to: u64,
 }
@@ -99,13 +102,11 @@ impl Connections {
             if state.forgotten_up_to > revocations_before {
                 return Err(NotListed::Unknown);
             }
-            let revoked = state
-                .recent
-                .iter()
-                .rev()
-                .take_while(|(number, _, _)| *number > revocations_before)
-                .any(|(_, _, revoked)| revoked == key);
-            if revoked {
+            if state
+                .latest
+                .get(key)
+                .is_some_and(|latest| *latest > revocations_before)
+            {
                 return Err(NotListed::Revoked);
             }
         }
@@ -141,14 +142,21 @@ impl Connections {
         state.revocations += 1;
         let number = state.revocations;
         state.recent.push_back((number, now, key.to_owned()));
+        state.latest.insert(key.to_owned(), number);
         let remember_for = self.remember_for;
-        while let Some((number, at, _)) = state.recent.front() {
+        while let Some((_, at, _)) = state.recent.front() {
             let stale = now.saturating_duration_since(*at) > remember_for;
             if !(stale || state.recent.len() > MOST_REMEMBERED) {
                 break;
             }
-            state.forgotten_up_to = *number;
-            state.recent.pop_front();
+            let Some((number, _, key)) = state.recent.pop_front() else {
+                break;
+            };
+            state.forgotten_up_to = number;
+            // Unless the key was revoked again since, which is remembered.
+            if state.latest.get(&key) == Some(&number) {
+                state.latest.remove(&key);
+            }
         }
         state
             .open
@@ -273,6 +281,28 @@ mod tests {
         assert_eq!(listed(&connections, 4, "e", noted), Err(NotListed::Unknown));
         let now = connections.revocations();
         assert_eq!(listed(&connections, 5, "c", now), Ok(()));
+
+        // A key revoked again is remembered by its latest revocation when the first is
+        // forgotten; a handshake noted right after the last forgotten one can still tell.
+        let connections = Connections::new(Duration::from_secs(1));
+        connections.close_keyed("a", Ending::REVOKED);
+        let between = connections.revocations();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        connections.close_keyed("a", Ending::REVOKED);
+        assert_eq!(
+            listed(&connections, 6, "a", between),
+            Err(NotListed::Revoked)
+        );
+        assert_eq!(listed(&connections, 7, "b", between), Ok(()));
+        assert_eq!(listed(&connections, 8, "a", 0), Err(NotListed::Unknown));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let last = connections.revocations();
+        connections.close_keyed("c", Ending::REVOKED);
+        assert_eq!(
+            listed(&connections, 9, "a", last),
+            Ok(()),
+            "its revocation is forgotten, and made before this note"
+        );
     }
 
     /// The keepalive ends when the hub stops, not at its next tick a ping interval later.

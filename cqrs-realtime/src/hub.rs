@@ -209,6 +209,8 @@ pub(crate) struct HubInner<P> {
     /// needs no runtime).
     started: OnceLock<()>,
     next_id: AtomicU64,
+    /// This hub's id in the revocations it publishes (a v7 UUID), so its listener skips them.
+    id: Arc<str>,
     open: AtomicUsize,
     /// Open connections per principal key (`Authenticator::connection_key`).
     per_principal: std::sync::Mutex<std::collections::HashMap<String, usize>>,
@@ -387,6 +389,7 @@ impl<P: Send + Sync + 'static> HubInner<P> {
                 metrics: self.metrics.clone(),
                 pubsub: self.pubsub.clone(),
                 channel: crate::revocation::channel(&self.options.channel_prefix),
+                hub: self.id.clone(),
                 subscribe_timeout: self.options.operation_timeout,
                 state: self.revocations.clone(),
                 stopped: self.stopped.clone(),
@@ -471,7 +474,9 @@ impl<P: Send + Sync + 'static> Hub<P> {
     /// `websocket_upgrade_required` (not a WebSocket handshake), 503 `too_many_connections`
     /// past `max_connections` (`Retry-After: 5`), and 429 `too_many_connections` past
     /// `max_connections_per_principal` (or, by [`handle_for_client`](Self::handle_for_client),
-    /// `max_connections_per_client`).
+    /// `max_connections_per_client`); last, 401 `unauthorized` when the principal was revoked
+    /// while its credentials were checked, or 503 `unavailable` (`Retry-After: 1`) when the hub
+    /// can no longer tell (see [`close_connections_of`](Self::close_connections_of)).
     pub async fn handle(
         &self,
         upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -593,11 +598,13 @@ impl<P: Send + Sync + 'static> Hub<P> {
         principal: P,
         client: Option<ClientKey>,
     ) -> Response {
+        // First: a revocation made while the listener starts is one this handshake may have
+        // been let in before.
+        let revocations_before = self.inner.connections.revocations();
         if let Some(refused) = self.open_for_handshakes() {
             return refused;
         }
         self.revocations_heard().await;
-        let revocations_before = self.inner.connections.revocations();
         self.admit(upgrade, principal, client, revocations_before)
     }
 
@@ -855,13 +862,17 @@ impl<P: Send + Sync + 'static> Hub<P> {
     /// of the principal whose authentication was still running then (it may take up to
     /// [`operation_timeout`](HubOptions::operation_timeout)), and may have read the
     /// credentials before they were refused, is refused when it ends (401, counted as
-    /// `revoked` in `realtime_handshakes_refused_total`): the hub remembers each revocation
-    /// for twice that time, and checks a handshake against those made since it began, with
-    /// its listing, under one lock. (A handshake that outlasted that memory is asked to try
-    /// again: 503 `unavailable`.) For [`handle_authenticated`](Self::handle_authenticated),
-    /// the server's own check came before the hub's part began: revoke the session there
-    /// first. One pass over the open connections, under the lock their opening and closing
-    /// take; nothing on the path of an event.
+    /// `revoked` in `realtime_handshakes_refused_total`): the hub remembers the revocations of
+    /// the last twice that time (at least 1 s, and at most the last 100,000), and refuses a
+    /// handshake whose principal was revoked since the handshake began, as it lists it, under
+    /// the lock revocations take. A handshake that began before revocations the hub has
+    /// forgotten since (a burst past 100,000, or a check longer than the memory) cannot be
+    /// told: 503 `unavailable`, try again. For
+    /// [`handle_authenticated`](Self::handle_authenticated), the hub's part begins when it is
+    /// called: a revocation made while the server's own check of the session ran is not seen,
+    /// so refuse revoked sessions in that check, and call this again once such a check's time
+    /// has passed if a handshake may be in flight. One pass over the open connections, under
+    /// the lock their opening and closing take; nothing on the path of an event.
     ///
     /// Only this hub's connections: a principal connected to the hub of another instance
     /// keeps its connections there. [`close_connections_everywhere`](Self::close_connections_everywhere)
@@ -928,20 +939,32 @@ impl<P: Send + Sync + 'static> Hub<P> {
     /// ```
     pub async fn close_connections_everywhere(&self, key: &str) -> Result<usize, RevocationError> {
         let closed = self.close_connections_of(key);
-        let channel = crate::revocation::channel(&self.inner.options.channel_prefix);
-        match self
-            .inner
-            .pubsub
-            .publish(&channel, crate::revocation::message(key))
-            .await
-        {
+        match self.publish_revocation(key).await {
             Ok(()) => Ok(closed),
-            Err(source) => Err(RevocationError {
+            Err(e) => Err(RevocationError {
                 closed_here: closed,
-                channel,
-                source,
+                ..e
             }),
         }
+    }
+
+    /// The other half of [`close_connections_everywhere`](Self::close_connections_everywhere):
+    /// publishes the revocation of `key`'s connections for the other hubs, without closing
+    /// this hub's. For trying again after that call failed to publish: this hub's connections
+    /// were closed then, and any the principal opened since (with new credentials) stay open
+    /// here. The other hubs close every connection of `key` they hold when it reaches them,
+    /// new ones too.
+    pub async fn publish_revocation(&self, key: &str) -> Result<(), RevocationError> {
+        let channel = crate::revocation::channel(&self.inner.options.channel_prefix);
+        self.inner
+            .pubsub
+            .publish(&channel, crate::revocation::message(key, &self.inner.id))
+            .await
+            .map_err(|source| RevocationError {
+                closed_here: 0,
+                channel,
+                source,
+            })
     }
 
     /// Closes every connection with code 1001 and refuses new handshakes with 503. The
@@ -1168,6 +1191,7 @@ impl<P: Send + Sync + 'static> HubBuilder<P> {
                 external: self.shutdown,
                 started: OnceLock::new(),
                 next_id: AtomicU64::new(1),
+                id: Arc::from(uuid::Uuid::now_v7().to_string()),
                 open: AtomicUsize::new(0),
                 per_principal: std::sync::Mutex::default(),
                 per_client: std::sync::Mutex::default(),

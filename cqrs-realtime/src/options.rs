@@ -195,6 +195,8 @@ impl HubOptions {
     /// The time budget of one backend call made for a client: the handshake's `authenticate`
     /// (past it the handshake gets 503 `unavailable`), the authorizer's
     /// `authorize_subscribe`, the upstream subscription, one event store read of a replay.
+    /// Twice it (at least 1 s) is also how long the hub remembers a revocation for the
+    /// handshakes being checked then ([`Hub::close_connections_of`](crate::Hub::close_connections_of)).
     /// Default 10 s.
     pub fn operation_timeout(mut self, timeout: Duration) -> Self {
         self.operation_timeout = timeout;

@@ -32,12 +32,18 @@ pub(crate) fn channel(prefix: &str) -> String {
 #[derive(Serialize, Deserialize)]
 struct Revocation<'a> {
     close_connections_of: std::borrow::Cow<'a, str>,
+    /// The hub that published it, which closed its own connections before and skips it
+    /// (taking it again would refuse handshakes begun after its revocation). Absent from
+    /// other publishers: every hub takes those.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    from: Option<std::borrow::Cow<'a, str>>,
 }
 
-/// The message that revokes `key`'s connections.
-pub(crate) fn message(key: &str) -> Arc<str> {
+/// The message that revokes `key`'s connections, published by the hub `from`.
+pub(crate) fn message(key: &str, from: &str) -> Arc<str> {
     let revocation = Revocation {
         close_connections_of: key.into(),
+        from: Some(from.into()),
     };
     // A struct of one string field always serializes.
     Arc::from(serde_json::to_string(&revocation).expect("a revocation serializes"))
@@ -70,6 +76,8 @@ pub(crate) struct Listener {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) pubsub: Arc<dyn PubSub>,
     pub(crate) channel: String,
+    /// This hub's id in the revocations it publishes: it skips them.
+    pub(crate) hub: Arc<str>,
     /// How long a subscribe may take before it counts as failed.
     pub(crate) subscribe_timeout: Duration,
     pub(crate) state: watch::Sender<Listening>,
@@ -162,7 +170,7 @@ impl Listener {
             let Some(connections) = self.connections.upgrade() else {
                 return ControlFlow::Break(());
             };
-            let closed = revoke(&connections, &self.channel, &message.payload);
+            let closed = revoke(&connections, &self.channel, &self.hub, &message.payload);
             if closed > 0 {
                 self.metrics.revoked(closed as u64, true);
             }
@@ -200,8 +208,9 @@ impl Drop for Listener {
 
 /// Closes the connections a received revocation names, and returns how many; a message that
 /// is not one is logged and ignored.
-fn revoke(connections: &Connections, channel: &str, payload: &str) -> usize {
+fn revoke(connections: &Connections, channel: &str, hub: &str, payload: &str) -> usize {
     match serde_json::from_str::<Revocation<'_>>(payload) {
+        Ok(revocation) if revocation.from.as_deref() == Some(hub) => 0,
         Ok(revocation) => {
             let closed = connections.close_keyed(&revocation.close_connections_of, Ending::REVOKED);
             if closed > 0 {
@@ -230,10 +239,32 @@ mod tests {
     #[test]
     fn a_revocation_reads_back_whatever_its_key_holds() {
         for key in ["user-7", "", "quote \" and \\ and \u{0} and é"] {
-            let payload = message(key);
+            let payload = message(key, "hub-1");
             let read: Revocation<'_> = serde_json::from_str(&payload).unwrap();
             assert_eq!(read.close_connections_of, key);
+            assert_eq!(read.from.as_deref(), Some("hub-1"));
         }
+    }
+
+    /// A hub skips its own revocations (it closed its connections before it published), and
+    /// takes another hub's and those of publishers that name none.
+    #[test]
+    fn a_hub_skips_the_revocations_it_published() {
+        let connections = Connections::new(Duration::from_secs(1));
+        let before = connections.revocations();
+        assert_eq!(
+            revoke(&connections, "c", "hub-1", &message("a", "hub-1")),
+            0
+        );
+        assert_eq!(connections.revocations(), before, "not taken again");
+        revoke(&connections, "c", "hub-1", &message("a", "hub-2"));
+        revoke(
+            &connections,
+            "c",
+            "hub-1",
+            r#"{"close_connections_of":"b"}"#,
+        );
+        assert_eq!(connections.revocations(), before + 2);
     }
 
     #[test]

@@ -112,6 +112,11 @@ pub trait Authenticator: Send + Sync + 'static {
 pub trait CloseSessions: Send + Sync + 'static {
     /// Closes `user`'s connections here and asks every other instance to close theirs.
     async fn close_everywhere(&self, user: Uuid) -> ClosedSessions;
+
+    /// Asks the other instances again to close `user`'s connections, without closing this
+    /// one's: to try again after [`close_everywhere`](Self::close_everywhere) could not ask
+    /// them. `None` when nothing is left here to ask from (the hub stopped).
+    async fn tell_others(&self, user: Uuid) -> Option<Result<(), cqrs_core::BoxError>>;
 }
 
 /// What [`CloseSessions::close_everywhere`] did.
@@ -139,6 +144,11 @@ impl LiveSessions {
     /// Sets what closes the connections; a second call is ignored.
     pub fn set(&self, sessions: std::sync::Arc<dyn CloseSessions>) {
         let _ = self.0.set(sessions);
+    }
+
+    /// [`CloseSessions::tell_others`], or `None` while nothing is set.
+    pub async fn tell_others(&self, user: Uuid) -> Option<Result<(), cqrs_core::BoxError>> {
+        self.0.get()?.tell_others(user).await
     }
 
     /// [`CloseSessions::close_everywhere`], or none closed while nothing is set.

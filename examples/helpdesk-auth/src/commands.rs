@@ -7,6 +7,7 @@ use crate::tokens::JwtTokens;
 use crate::users::{CreateUserError, UserProfile, UserRecord, UserStore};
 use async_trait::async_trait;
 use cqrs_core::clock::Clock;
+use cqrs_core::ports::StoreError;
 use cqrs_core::{
     Command, CommandContext, CommandHandler, ErrorKind, HandlerError, Query, QueryContext,
     QueryHandler,
@@ -17,6 +18,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// Registers a user.
@@ -796,6 +798,10 @@ impl CommandHandler<LogIn> for LogInHandler {
 /// first try failed (Redis away).
 pub(crate) const TELL_OTHERS_FOR: Duration = Duration::from_secs(30);
 
+/// How long a logout waits for the user store to count it: the task that counts it outlives
+/// its request, and must not hold the store for ever when the database hangs.
+const COUNT_WITHIN: Duration = Duration::from_secs(10);
+
 /// Handles [`LogOut`].
 pub(crate) struct LogOutHandler {
     pub(crate) users: Arc<dyn UserStore>,
@@ -815,29 +821,46 @@ impl CommandHandler<LogOut> for LogOutHandler {
         let tell_others_for = self.tell_others_for;
         // In a task of its own: a request dropped once the count went up (past its time
         // budget, its client gone) still closes the connections.
-        let done = tokio::spawn(async move {
-            // The tokens first: a connection closed before they were refused could open
-            // again with one of them.
-            let counted = users.log_out(user).await;
-            // Closed also when the store failed, and may have counted it all the same: a
-            // retry would then find the token ended (401) and close nothing. A connection
-            // closed in vain opens again; one left open would outlive its tokens.
-            let closed = match &counted {
-                Ok(None) => None,
-                Ok(Some(_)) | Err(_) => Some(sessions.close_everywhere(user).await),
-            };
-            if let Some(Err(e)) = closed.as_ref().map(|c| &c.elsewhere) {
-                tracing::warn!(
-                    user = %user,
-                    error = %e,
-                    "a logout could not tell the other instances to close the user's realtime \
-                     connections; trying again in the background"
-                );
-                tokio::spawn(tell_the_others_later(sessions, user, tell_others_for));
+        let done = tokio::spawn(
+            async move {
+                // The tokens first: a connection closed before they were refused could open
+                // again with one of them.
+                let counted = tokio::time::timeout(COUNT_WITHIN, users.log_out(user))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(StoreError::Timeout {
+                            backend: "user store",
+                            source: "counting a logout took over 10 s".into(),
+                        })
+                    });
+                // Closed also when the store failed, and may have counted it all the same: a
+                // retry would then find the token ended (401) and close nothing. A connection
+                // closed in vain opens again; one left open would outlive its tokens.
+                let closed = match &counted {
+                    Ok(None) => None,
+                    Ok(Some(_)) | Err(_) => Some(sessions.close_everywhere(user).await),
+                };
+                if let Some(Err(e)) = closed.as_ref().map(|c| &c.elsewhere) {
+                    tracing::warn!(
+                        user = %user,
+                        error = %e,
+                        "a logout could not tell the other instances to close the user's realtime \
+                         connections; trying again in the background"
+                    );
+                    tokio::spawn(
+                        tell_the_others_later(sessions, user, tell_others_for).in_current_span(),
+                    );
+                }
+                (counted, closed)
             }
-            (counted, closed)
-        });
-        let (counted, closed) = done.await.map_err(HandlerError::internal)?;
+            .in_current_span(),
+        );
+        let (counted, closed) = match done.await {
+            Ok(done) => done,
+            // The bus catches it as any handler's panic.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => return Err(HandlerError::internal(e)),
+        };
         match counted? {
             None => Err(HandlerError::unauthorized(
                 helpdesk_api::AuthError::UnknownUser.to_string(),
@@ -853,20 +876,25 @@ impl CommandHandler<LogOut> for LogOutHandler {
     }
 }
 
-/// Tells the other instances to close `user`'s connections, every 100 ms to 5 s, until it
-/// works or `within` has passed (their connections then stay open until the tokens expire,
-/// which it logs).
+/// Tells the other instances to close `user`'s connections (not this one's again: the user
+/// may have logged in since), every 100 ms to 5 s, until it works, the hub is gone, or
+/// `within` has passed (their connections then stay open until the tokens expire, which it
+/// logs).
 async fn tell_the_others_later(sessions: helpdesk_api::LiveSessions, user: Uuid, within: Duration) {
     let deadline = tokio::time::Instant::now() + within;
     let mut delay = Duration::from_millis(100);
     loop {
         tokio::time::sleep(delay).await;
-        match sessions.close_everywhere(user).await.elsewhere {
-            Ok(()) => {
+        match sessions.tell_others(user).await {
+            None => {
+                tracing::debug!(user = %user, "the hub stopped: a logout's other instances are told no more from here");
+                return;
+            }
+            Some(Ok(())) => {
                 tracing::info!(user = %user, "told the other instances of a logout, late");
                 return;
             }
-            Err(e) if tokio::time::Instant::now() >= deadline => {
+            Some(Err(e)) if tokio::time::Instant::now() >= deadline => {
                 tracing::warn!(
                     user = %user,
                     error = %e,
@@ -875,7 +903,7 @@ async fn tell_the_others_later(sessions: helpdesk_api::LiveSessions, user: Uuid,
                 );
                 return;
             }
-            Err(_) => delay = (delay * 2).min(Duration::from_secs(5)),
+            Some(Err(_)) => delay = (delay * 2).min(Duration::from_secs(5)),
         }
     }
 }
@@ -1100,20 +1128,39 @@ mod tests {
     struct PubSubAway {
         away: usize,
         calls: std::sync::atomic::AtomicUsize,
+        /// Calls that closed this instance's connections.
+        closed_here: std::sync::atomic::AtomicUsize,
+        /// Once set, the hub is gone: nothing is told from here.
+        hub_gone: AtomicBool,
+    }
+
+    impl PubSubAway {
+        /// Whether this call reaches the other instances.
+        fn told(&self) -> Result<(), cqrs_core::BoxError> {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst);
+            if call < self.away {
+                Err("redis: connection refused".into())
+            } else {
+                Ok(())
+            }
+        }
     }
 
     #[async_trait]
     impl helpdesk_api::CloseSessions for PubSubAway {
         async fn close_everywhere(&self, _user: Uuid) -> helpdesk_api::ClosedSessions {
-            let call = self.calls.fetch_add(1, Ordering::SeqCst);
+            self.closed_here.fetch_add(1, Ordering::SeqCst);
             helpdesk_api::ClosedSessions {
                 here: 2,
-                elsewhere: if call < self.away {
-                    Err("redis: connection refused".into())
-                } else {
-                    Ok(())
-                },
+                elsewhere: self.told(),
             }
+        }
+
+        async fn tell_others(&self, _user: Uuid) -> Option<Result<(), cqrs_core::BoxError>> {
+            if self.hub_gone.load(Ordering::SeqCst) {
+                return None;
+            }
+            Some(self.told())
         }
     }
 
@@ -1171,12 +1218,23 @@ mod tests {
         assert_eq!(out.unwrap(), missed);
         assert_eq!(users.by_id(id).await.unwrap().unwrap().logouts, 1);
         called(&closer, 4).await;
+        assert_eq!(
+            closer.closed_here.load(Ordering::SeqCst),
+            1,
+            "the retries tell the others only: the user may have logged in here since"
+        );
         // Never told: tries again for two seconds (after 100 ms, then 200, 400, 800, 1,600),
         // then stops.
         let (never_told, closer) = handler(usize::MAX);
         let out = never_told.handle(LogOut { user: id }, &mut ctx).await;
         assert_eq!(out.unwrap(), missed);
         called(&closer, 6).await;
+        // The hub gone: no more tries.
+        let (hub_gone, closer) = handler(usize::MAX);
+        let out = hub_gone.handle(LogOut { user: id }, &mut ctx).await;
+        assert_eq!(out.unwrap(), missed);
+        closer.hub_gone.store(true, Ordering::SeqCst);
+        called(&closer, 1).await;
 
         let (gone, closer) = handler(0);
         let nobody = LogOut {

@@ -285,7 +285,7 @@ pub(crate) fn api(buses: BusHandle) -> HttpApi {
                 .tag("auth")
                 .bearer()
                 .response(204, "logged out; log in again for a new token", None)
-                .response(503, "the user store could not be asked, or the request ran past its time budget (`unavailable`, `timeout`), with Retry-After: the logout may have happened (the user's WebSockets are closed either way); send it again with the same token, and a 401 (`the token was ended by a logout`) says it did", None)
+                .response(503, "the user store could not be asked, or the request ran past its time budget (`unavailable`, `timeout`), with Retry-After: the logout may have happened (the user's WebSockets are closed either way, within 10 s); send it again with the same token, and a 401 (`the token was ended by a logout`) says it did", None)
                 .response_header(503, "Retry-After", helpdesk_api::RETRY_AFTER)],
         )
         .route(

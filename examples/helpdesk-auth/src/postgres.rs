@@ -96,8 +96,9 @@ pub(crate) fn migration(schema: &str) -> Migration {
 /// The users' count of logouts, added to a table made before it. A migration of its own: a
 /// changed text runs again whole (the one above would retake its tables' locks), and this
 /// one locks `users` once, at the first start of the release that brings it. Without a
-/// constraint (whose `ADD COLUMN IF NOT EXISTS` older servers would add again at each run):
-/// a negative count set by hand reads as 0, and the next logout starts from 0.
+/// `CHECK`: PostgreSQL before 13 adds a column's constraint again even when `ADD COLUMN IF
+/// NOT EXISTS` finds the column (its bug 15180). A negative count set by hand reads as 0,
+/// and the next logout starts from 0.
 pub(crate) fn logouts_migration(schema: &str) -> Migration {
     Migration {
         name: "auth.users_logouts",

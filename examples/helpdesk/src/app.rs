@@ -1068,7 +1068,8 @@ impl helpdesk_api::CloseSessions for HubSessions {
                 elsewhere: Err("this server's WebSocket hub has stopped".into()),
             };
         };
-        match hub.close_connections_everywhere(&user.to_string()).await {
+        let closed = hub.close_connections_everywhere(&user.to_string()).await;
+        match closed {
             Ok(here) => helpdesk_api::ClosedSessions {
                 here,
                 elsewhere: Ok(()),
@@ -1078,6 +1079,15 @@ impl helpdesk_api::CloseSessions for HubSessions {
                 elsewhere: Err(e.into()),
             },
         }
+    }
+
+    async fn tell_others(&self, user: uuid::Uuid) -> Option<Result<(), cqrs_core::BoxError>> {
+        let hub = self.0.upgrade()?;
+        Some(
+            hub.publish_revocation(&user.to_string())
+                .await
+                .map_err(Into::into),
+        )
     }
 }
 
