@@ -85,6 +85,29 @@ async fn across_two_hubs_on_one_pubsub() {
     .await;
 }
 
+/// `publish_revocation` closes the principal's connections on the other hubs and leaves this
+/// hub's (opened since a revocation that could not be published, with new credentials):
+/// neither the call nor its echo on this hub's own listener closes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_a_revocation_again_leaves_this_hubs_connections_open() {
+    with_timeout(TEST_LIMIT, async {
+        let pubsub = Arc::new(InMemoryPubSub::new());
+        let a = TestHub::start_on(pubsub.clone(), HubOptions::new(), |b| b).await;
+        let b = TestHub::start_on(pubsub, HubOptions::new(), |b| b).await;
+        let mut on_a = a.connect("agent-a").await;
+        let mut on_b = b.connect("agent-a").await;
+        a.hub.publish_revocation("a").await.unwrap();
+        assert_eq!(on_b.close_frame(100).await, revoked());
+        // Then one of b's own: once a acted on it, a took what came before, its own echo too.
+        let mut marker = a.connect("agent-m").await;
+        b.hub.close_connections_everywhere("m").await.unwrap();
+        assert_eq!(marker.close_frame(100).await, revoked());
+        on_a.ping_pong().await;
+        assert_eq!(a.hub.stats().revoked_closes, 1, "the marker only");
+    })
+    .await;
+}
+
 /// Hubs with other channel prefixes are other applications: a revocation does not cross.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_of_another_prefix_keeps_its_connections() {
