@@ -50,6 +50,80 @@ pub mod names {
     pub const REVOCATIONS_LISTENING: &str = "realtime_revocations_listening";
 }
 
+/// Every metric the hub records, with what it measures: for the recorder's `# HELP` lines
+/// ([`describe_metrics`]).
+pub const METRICS: &[cqrs_core::MetricDescription] = {
+    use cqrs_core::MetricDescription as M;
+    &[
+        M::gauge(names::CONNECTIONS, "Open WebSocket connections."),
+        M::gauge(
+            names::SUBSCRIPTIONS,
+            "Live subscriptions over every connection.",
+        ),
+        M::counter(
+            names::MESSAGES_SENT,
+            "Frames written to clients (events, replies and errors).",
+        ),
+        M::counter(
+            names::SLOW_CLIENT_CLOSES,
+            "Connections closed with 1008 because their send queue was full.",
+        ),
+        M::counter(
+            names::IDLE_CLOSES,
+            "Connections closed with 1000 because nothing arrived within the idle timeout.",
+        ),
+        M::counter(
+            names::EXPIRED_CLOSES,
+            "Connections closed with 1008 because their principal's credentials expired.",
+        ),
+        M::counter(
+            names::HANDSHAKES_REFUSED,
+            "Handshakes refused, by reason (unauthorized, revoked, not_websocket, too_many_connections, too_many_connections_for_principal, too_many_connections_for_client, shutting_down, unavailable).",
+        ),
+        M::counter(
+            names::UPSTREAM_MISSED,
+            "Channel messages the hub missed because it fell behind the pub/sub.",
+        ),
+        M::counter(
+            names::MISSED_NOTICES,
+            "events_missed error frames queued to subscriptions whose channel missed messages.",
+        ),
+        M::counter(
+            names::PUSH_FAILURES,
+            "Events a Publisher could not push, or a PublishWorker skipped (its routing could not encode them).",
+        ),
+        M::counter(
+            names::REPLAYED_EVENTS,
+            "Events sent by replays (resumed subscriptions).",
+        ),
+        M::counter(
+            names::REVOKED_CLOSES,
+            "Connections closed with 1008 because their principal was revoked, by origin (local, remote).",
+        ),
+        M::counter(
+            names::REVOCATIONS_MISSED,
+            "Messages the revocation listener missed (it fell behind, or the pub/sub dropped them): revocations it may not have acted on.",
+        ),
+        M::gauge(
+            names::REVOCATIONS_LISTENING,
+            "1 while the hub's revocation listener is subscribed, 0 while it is not.",
+        ),
+    ]
+};
+
+/// Describes every metric in [`METRICS`] to the installed `metrics` recorder, so that
+/// Prometheus's exporter writes a `# HELP` line for each. Call it once the recorder is
+/// installed.
+///
+/// ```
+/// cqrs_realtime::describe_metrics();
+/// ```
+pub fn describe_metrics() {
+    METRICS
+        .iter()
+        .for_each(cqrs_core::MetricDescription::describe);
+}
+
 /// A snapshot of a hub's counters since it was built: for tests, health pages and logs. The
 /// same figures go to the `metrics` facade (see [`names`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -255,5 +329,24 @@ impl Metrics {
             revocations_missed: s.revocations_missed.load(Ordering::Relaxed),
             revocations_listening: s.revocations_listening.load(Ordering::Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::METRICS;
+
+    /// The catalogue lists every name in [`names`](super::names), once, and nothing else.
+    #[test]
+    fn every_metric_name_is_described() {
+        let source = include_str!("metrics.rs");
+        let named: std::collections::BTreeSet<&str> = source
+            .lines()
+            .filter(|l| l.trim_start().starts_with("pub const ") && l.contains(": &str = \""))
+            .filter_map(|l| l.split('"').nth(1))
+            .collect();
+        let described: std::collections::BTreeSet<&str> = METRICS.iter().map(|m| m.name).collect();
+        assert_eq!(described.len(), METRICS.len(), "a name listed twice");
+        assert_eq!(named, described);
     }
 }

@@ -80,6 +80,7 @@ mod entry;
 mod error;
 mod keys;
 mod maintenance;
+mod metric_catalog;
 mod options;
 mod pubsub;
 mod scripts;
@@ -92,6 +93,7 @@ pub use consumer::RedisConsumer;
 pub use dead_letter::{DeadLetter, Replayed};
 pub use error::ConnectError;
 pub use maintenance::{GroupWithoutConsumers, StreamMaintenance, TrimReport};
+pub use metric_catalog::{METRICS, describe_metrics};
 pub use options::{
     ConnectionOptions, DEFAULT_URL, KeyOrdering, RedisPubSubOptions, RedisStreamOptions,
 };

@@ -203,10 +203,50 @@ pub(crate) fn prometheus() -> &'static PrometheusHandle {
             tracing::warn!(
                 "a metrics recorder was already installed; /metrics shows only this recorder's data"
             );
+        } else {
+            // Every family gets its `# HELP` line.
+            cqrs_core::describe_metrics();
+            cqrs_postgres::describe_metrics();
+            cqrs_redis::describe_metrics();
+            cqrs_realtime::describe_metrics();
+            GATEWAY_METRICS
+                .iter()
+                .for_each(cqrs_core::MetricDescription::describe);
         }
         handle
     })
 }
+
+/// The gateway's own metrics.
+pub(crate) const GATEWAY_METRICS: &[cqrs_core::MetricDescription] = {
+    use cqrs_core::MetricDescription as M;
+    &[
+        M::gauge(
+            "cqrs_component_status",
+            "Health of each component, by component, status (starting, healthy, degraded, unhealthy, stopped) and critical (true, false): 1 for its status now, 0 for the others; updated when /ready or /metrics is asked.",
+        ),
+        M::counter(
+            "http_requests_total",
+            "HTTP requests answered, by method, route (the matched path, not the URL) and status.",
+        ),
+        M::histogram(
+            "http_request_duration_seconds",
+            "How long HTTP requests took to answer, in seconds, by method and route.",
+        ),
+        M::counter(
+            "http_accept_errors_total",
+            "Errors accepting TCP connections (out of file descriptors, and the like).",
+        ),
+        M::counter(
+            "http_connections_refused_total",
+            "TCP connections closed at once, by reason (per_address: the client address held its share).",
+        ),
+        M::counter(
+            "http_connections_stalled_total",
+            "Connections given up on because their writes made no progress (a client that does not read its answers).",
+        ),
+    ]
+};
 
 /// The buckets, in seconds, of the duration histograms (`http_request_duration_seconds`,
 /// `cqrs_dispatch_duration_seconds`): from 100 µs (a dispatch in memory takes microseconds,
@@ -997,6 +1037,23 @@ fn percent_decoded(text: &str) -> std::borrow::Cow<'_, str> {
 
 #[cfg(test)]
 mod tests {
+    /// The gateway's catalogue lists every metric its code records, once, and nothing else
+    /// (but the core's, which the core describes).
+    #[test]
+    fn every_gateway_metric_is_described() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut recorded = cqrs_core::__metric_catalog::recorded_names(&src, "http_");
+        recorded.extend(cqrs_core::__metric_catalog::recorded_names(&src, "cqrs_"));
+        // A series of the core's own, which the core describes (`metered.rs`).
+        recorded.retain(|name| !cqrs_core::METRICS.iter().any(|m| m.name == name));
+        let described: std::collections::BTreeSet<String> = super::GATEWAY_METRICS
+            .iter()
+            .map(|m| m.name.to_owned())
+            .collect();
+        assert_eq!(described.len(), super::GATEWAY_METRICS.len());
+        assert_eq!(recorded, described);
+    }
+
     use super::{SharedRun, redacted_uri};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};

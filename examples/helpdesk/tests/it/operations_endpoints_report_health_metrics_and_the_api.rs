@@ -125,6 +125,22 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
                 "{name}: {metrics}"
             );
         }
+        // Every family says what it measures: a `# HELP` line beside each `# TYPE`.
+        let types: Vec<&str> = metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        assert!(types.len() > 5, "{metrics}");
+        for name in types {
+            let help = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("# HELP {name} ")));
+            assert!(
+                help.is_some_and(|h| h.len() > 10),
+                "{name} has no # HELP: {metrics}"
+            );
+        }
         // Events published (by the relay) and handled (by the stats projection), by type, and
         // how far behind the projection is.
         cqrs_core::testing::eventually(

@@ -1,0 +1,58 @@
+//! What each metric this crate records means, for the recorder's `# HELP` lines.
+
+use cqrs_core::MetricDescription;
+
+/// Every metric this crate records (its consumers and stream maintenance).
+pub const METRICS: &[MetricDescription] = &[
+    MetricDescription::counter(
+        "cqrs_transport_dead_lettered_total",
+        "Entries a consumer moved to the dead-letter stream, by topic, group, transport and reason (delivered too many times, undecodable, or given up by a handler).",
+    ),
+    MetricDescription::counter(
+        "cqrs_transport_trimmed_total",
+        "Entries trimmed from a stream once every group acknowledged them, by topic and transport.",
+    ),
+    MetricDescription::gauge(
+        "cqrs_redis_group_pending",
+        "Entries a consumer group took and has not acknowledged (XPENDING), by topic and group.",
+    ),
+    MetricDescription::gauge(
+        "cqrs_redis_group_lag",
+        "Entries of the stream a consumer group has not taken yet (XINFO GROUPS lag), by topic and group.",
+    ),
+    MetricDescription::gauge(
+        "cqrs_redis_stream_length",
+        "Entries in a topic's stream (XLEN), by topic.",
+    ),
+    MetricDescription::gauge(
+        "cqrs_redis_dead_letters",
+        "Entries in a topic's dead-letter stream, by topic.",
+    ),
+];
+
+/// Describes every metric in [`METRICS`] to the installed `metrics` recorder, so that
+/// Prometheus's exporter writes a `# HELP` line for each (with `cqrs_core::describe_metrics`
+/// for the core's). Call it once the recorder is installed.
+///
+/// ```
+/// cqrs_redis::describe_metrics();
+/// ```
+pub fn describe_metrics() {
+    METRICS.iter().for_each(MetricDescription::describe);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::METRICS;
+
+    /// The catalogue lists every metric the crate's code records, once, and nothing else.
+    #[test]
+    fn every_metric_recorded_is_described() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let recorded = cqrs_core::__metric_catalog::recorded_names(&src, "cqrs_");
+        let described: std::collections::BTreeSet<String> =
+            METRICS.iter().map(|m| m.name.to_owned()).collect();
+        assert_eq!(described.len(), METRICS.len(), "a name listed twice");
+        assert_eq!(recorded, described);
+    }
+}
