@@ -87,7 +87,7 @@ pub const METRICS: &[MetricDescription] = &[
     ),
     counter(
         "cqrs_event_bus_given_up_total",
-        "Events an event bus gave up delivering to a handler after its retries, by event type.",
+        "Events an event-bus relay gave up handing to its handlers (after its attempts, or at once when refused for good), by event type.",
     ),
     counter(
         "cqrs_event_bus_dead_lettered_total",
@@ -111,11 +111,11 @@ pub const METRICS: &[MetricDescription] = &[
     ),
     gauge(
         "cqrs_projection_lag_seconds",
-        "How far behind the newest stored event a store-fed projection is, in seconds, by projection.",
+        "Age of the oldest event a projection is handling or holding back, in seconds (0 with none waiting, NaN while it cannot read them), by projection.",
     ),
     gauge(
         "cqrs_consumer_lag_seconds",
-        "How old the last event a transport consumer took was when it took it, in seconds, by topic and group.",
+        "Age of the oldest event an event-bus consumer of a transport is handling or holding back, in seconds (0 with none waiting, NaN while it cannot read the transport), by topic and group.",
     ),
     counter(
         "cqrs_events_published_total",

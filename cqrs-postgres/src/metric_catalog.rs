@@ -22,7 +22,7 @@ pub const METRICS: &[MetricDescription] = &[
     ),
     MetricDescription::counter(
         "cqrs_outbox_publish_failures_total",
-        "Batches the outbox relay failed to publish (retried with backoff), by relay and cause.",
+        "Failed rounds of the outbox relay (it tries again with backoff), by relay and cause (postgres, transport, timeout).",
     ),
 ];
 
