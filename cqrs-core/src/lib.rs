@@ -116,8 +116,6 @@ pub use message::{Command, Event, Message, MessageKind, MessageType, Query};
 #[cfg(feature = "derive")]
 pub use cqrs_macros::{Command, Event, Query};
 pub use metadata::{Headers, Metadata, Principal};
-#[doc(hidden)]
-pub use metric_catalog::__private as __metric_catalog;
 pub use metric_catalog::{METRICS, MetricDescription, MetricKind, describe_metrics};
 pub use panic::{CatchUnwind, panic_message};
 pub use plugin::{

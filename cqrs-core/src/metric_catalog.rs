@@ -14,6 +14,7 @@ pub enum MetricKind {
 
 /// One metric a crate records: its name, its kind, and what it measures (with its labels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MetricDescription {
     /// The name, as the `metrics` facade records it.
     pub name: &'static str,
@@ -75,7 +76,7 @@ const fn gauge(name: &'static str, help: &'static str) -> MetricDescription {
 pub const METRICS: &[MetricDescription] = &[
     counter(
         "cqrs_dispatch_total",
-        "Messages dispatched through a bus with MetricsLayer, by kind (command, query, event), message name and outcome.",
+        "Messages dispatched through a bus with MetricsLayer, by kind (command, query, event), message name and outcome (ok, cancelled, or the error's kind).",
     ),
     MetricDescription::histogram(
         "cqrs_dispatch_duration_seconds",
@@ -83,7 +84,7 @@ pub const METRICS: &[MetricDescription] = &[
     ),
     counter(
         "cqrs_event_sink_failures_total",
-        "Events recorded by a command that its event sink could not take, by event type.",
+        "Events a command recorded whose in-process EventBus publish failed after the command succeeded (a handler failed; logged, not retried), by event type.",
     ),
     counter(
         "cqrs_event_bus_given_up_total",
@@ -91,11 +92,11 @@ pub const METRICS: &[MetricDescription] = &[
     ),
     counter(
         "cqrs_event_bus_dead_lettered_total",
-        "Events a transport-fed event bus sent to the dead letters (no redelivery mends them), by event type.",
+        "Events a transport-fed event bus decided to dead-letter (no redelivery mends them; one whose dead letter could not be written comes back and counts again), by event type.",
     ),
     counter(
         "cqrs_events_unknown_total",
-        "Stored events of a type this build does not know, met while decoding, by event type.",
+        "Events skipped because the reader's event types do not register their type (policies Skip and Ignore), read from the store or a transport, by event type (the first 64 names, then other; invalid for a malformed name).",
     ),
     counter(
         "cqrs_events_handled_total",
@@ -103,7 +104,7 @@ pub const METRICS: &[MetricDescription] = &[
     ),
     counter(
         "cqrs_projection_skipped_total",
-        "Events a projection skipped (it failed on them skip_after times in a row, or could not decode them), by projection, event type and reason.",
+        "Events a store-fed projection skipped after failing on them skip_after steps in a row, by projection, event type and reason (apply: a handler error; decode: undecodable); the read model misses them until a rebuild.",
     ),
     counter(
         "cqrs_projection_dead_lettered_total",
@@ -123,7 +124,7 @@ pub const METRICS: &[MetricDescription] = &[
     ),
     counter(
         "cqrs_events_skipped_total",
-        "Events a store relay skipped (the transport refused them for good), by relay, event type and reason; they stay in the event store.",
+        "Events a store relay skipped (the transport refused them for good), by relay, event type and reason (refused); they stay in the event store.",
     ),
     counter(
         "cqrs_transport_trimmed_total",
@@ -131,7 +132,7 @@ pub const METRICS: &[MetricDescription] = &[
     ),
     counter(
         "cqrs_worker_restarts_total",
-        "Times the runtime restarted a background worker after it failed, by worker.",
+        "Times the runtime restarted a background worker that failed, panicked or returned before shutdown, by worker.",
     ),
 ];
 
@@ -148,60 +149,7 @@ pub fn describe_metrics() {
     METRICS.iter().for_each(MetricDescription::describe);
 }
 
-#[doc(hidden)]
-pub mod __private {
-    /// The metric names `src` (every `.rs` file below it) records: string literals starting
-    /// with `prefix` on a line that names a `counter!`, `gauge!`, `histogram!` or
-    /// `Key::from_static_parts`, or within the two lines after one. For each crate's test that
-    /// its catalogue lists every metric it records, and nothing else.
-    pub fn recorded_names(
-        src: &std::path::Path,
-        prefix: &str,
-    ) -> std::collections::BTreeSet<String> {
-        let mut names = std::collections::BTreeSet::new();
-        let mut dirs = vec![src.to_path_buf()];
-        while let Some(dir) = dirs.pop() {
-            for entry in std::fs::read_dir(&dir).expect("the crate's sources are readable") {
-                let path = entry.expect("a directory entry").path();
-                if path.is_dir() {
-                    dirs.push(path);
-                    continue;
-                }
-                if path.extension().is_none_or(|e| e != "rs") {
-                    continue;
-                }
-                let text = std::fs::read_to_string(&path).expect("a source file reads");
-                let lines: Vec<&str> = text.lines().collect();
-                for (i, line) in lines.iter().enumerate() {
-                    let recording = lines[i.saturating_sub(2)..=i].iter().any(|l| {
-                        [
-                            "counter!(",
-                            "gauge!(",
-                            "histogram!(",
-                            "Key::from_static_parts(",
-                        ]
-                        .iter()
-                        .any(|m| l.contains(m))
-                    });
-                    if !recording {
-                        continue;
-                    }
-                    let quoted = format!("\"{prefix}");
-                    let mut rest = *line;
-                    while let Some(start) = rest.find(&quoted) {
-                        let after = &rest[start + 1..];
-                        let end = after.find('"').unwrap_or(after.len());
-                        names.insert(after[..end].to_owned());
-                        rest = &after[end..];
-                    }
-                }
-            }
-        }
-        names
-    }
-}
-
-#[cfg(test)]
+#[cfg(all(test, feature = "testing"))]
 mod tests {
     use super::*;
 
@@ -209,7 +157,7 @@ mod tests {
     #[test]
     fn every_metric_recorded_is_described() {
         let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-        let recorded = __private::recorded_names(&src, "cqrs_");
+        let recorded = crate::testing::metric_names_recorded_in(&src, "cqrs_");
         let described: std::collections::BTreeSet<String> =
             METRICS.iter().map(|m| m.name.to_owned()).collect();
         assert_eq!(described.len(), METRICS.len(), "a name listed twice");

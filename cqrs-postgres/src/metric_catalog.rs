@@ -6,11 +6,11 @@ use cqrs_core::MetricDescription;
 pub const METRICS: &[MetricDescription] = &[
     MetricDescription::gauge(
         "cqrs_outbox_unpublished",
-        "Events stored but not yet published by the outbox relay (its backlog), by relay; exported every metrics_interval.",
+        "Events stored but not yet published by the outbox relay (its backlog; estimated past backlog_count_limit, NaN while it cannot be counted), by relay; exported every metrics_interval.",
     ),
     MetricDescription::gauge(
         "cqrs_outbox_oldest_unpublished_seconds",
-        "Age of the oldest event the outbox relay has not published, in seconds (0 with no backlog), by relay.",
+        "Age of the oldest event the outbox relay has not published, in seconds (0 with no backlog, NaN while it cannot be read), by relay.",
     ),
     MetricDescription::counter(
         "cqrs_outbox_published_total",
@@ -18,7 +18,7 @@ pub const METRICS: &[MetricDescription] = &[
     ),
     MetricDescription::counter(
         "cqrs_outbox_skipped_total",
-        "Events the outbox relay skipped (undecodable, or refused for good by the transport), by relay and reason; they stay in the event store.",
+        "Events the outbox relay skipped, by relay and reason (undecodable, refused: for good by the transport, invalid_topic); they stay in the event store.",
     ),
     MetricDescription::counter(
         "cqrs_outbox_publish_failures_total",
@@ -45,7 +45,7 @@ mod tests {
     #[test]
     fn every_metric_recorded_is_described() {
         let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-        let recorded = cqrs_core::__metric_catalog::recorded_names(&src, "cqrs_");
+        let recorded = cqrs_core::testing::metric_names_recorded_in(&src, "cqrs_");
         let described: std::collections::BTreeSet<String> =
             METRICS.iter().map(|m| m.name.to_owned()).collect();
         assert_eq!(described.len(), METRICS.len(), "a name listed twice");

@@ -135,7 +135,7 @@ pub use auth::{
     AllowAll, AuthenticateFn, Authenticator, Authorizer, ClientKey, Refusal, Unauthenticated,
 };
 pub use hub::{BuildError, Hub, HubBuilder, RevocationError, WeakHub};
-pub use metrics::{HubStats, describe_metrics};
+pub use metrics::{HubStats, METRICS, describe_metrics};
 pub use options::{DEFAULT_CHANNEL_PREFIX, HubOptions};
 pub use protocol::{ClientFrame, ErrorCode, FrameError, ServerFrame, UnknownErrorCode, close_code};
 pub use publisher::{PublishError, Publisher};

@@ -86,11 +86,11 @@ pub const METRICS: &[cqrs_core::MetricDescription] = {
         ),
         M::counter(
             names::MISSED_NOTICES,
-            "events_missed error frames queued to subscriptions whose channel missed messages.",
+            "events_missed error frames queued: a subscription's channel missed messages, or a replay's buffer dropped live events.",
         ),
         M::counter(
             names::PUSH_FAILURES,
-            "Events a Publisher could not push, or a PublishWorker skipped (its routing could not encode them).",
+            "Events a Publisher, as a command's event sink, could not push (with the command's later events it dropped when the pub/sub failed), and events a PublishWorker skipped because its routing could not encode them.",
         ),
         M::counter(
             names::REPLAYED_EVENTS,
@@ -336,7 +336,8 @@ impl Metrics {
 mod tests {
     use super::METRICS;
 
-    /// The catalogue lists every name in [`names`](super::names), once, and nothing else.
+    /// The catalogue lists every name in [`names`](super::names), once, and nothing else, and
+    /// the crate records under no other name (a literal beside a `counter!` and the like).
     #[test]
     fn every_metric_name_is_described() {
         let source = include_str!("metrics.rs");
@@ -348,5 +349,9 @@ mod tests {
         let described: std::collections::BTreeSet<&str> = METRICS.iter().map(|m| m.name).collect();
         assert_eq!(described.len(), METRICS.len(), "a name listed twice");
         assert_eq!(named, described);
+        // And nothing is recorded under a name of its own, outside `names`.
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let literal = cqrs_core::testing::metric_names_recorded_in(&src, "realtime_");
+        assert!(literal.is_empty(), "{literal:?}: record through `names`");
     }
 }

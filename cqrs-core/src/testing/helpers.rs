@@ -273,6 +273,63 @@ impl tracing::Subscriber for WantsNothing {
     fn exit(&self, _: &tracing::span::Id) {}
 }
 
+/// The metric names `src` (every `.rs` file below it) records: string literals starting
+/// with `prefix` on a line that names a `counter!`, `gauge!`, `histogram!` or
+/// `Key::from_static_parts`, or within the two lines after one. For a crate's test that its
+/// catalogue (`METRICS`) lists every metric it records, and nothing else; names recorded
+/// through a constant or a variable are not found (list those by hand).
+///
+/// ```
+/// let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+/// let recorded = cqrs_core::testing::metric_names_recorded_in(&src, "cqrs_");
+/// assert!(recorded.contains("cqrs_dispatch_total"));
+/// ```
+pub fn metric_names_recorded_in(
+    src: &std::path::Path,
+    prefix: &str,
+) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut dirs = vec![src.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("the crate's sources are readable") {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("a source file reads");
+            let lines: Vec<&str> = text.lines().collect();
+            for (i, line) in lines.iter().enumerate() {
+                let recording = lines[i.saturating_sub(2)..=i].iter().any(|l| {
+                    [
+                        "counter!(",
+                        "gauge!(",
+                        "histogram!(",
+                        "Key::from_static_parts(",
+                    ]
+                    .iter()
+                    .any(|m| l.contains(m))
+                });
+                if !recording {
+                    continue;
+                }
+                let quoted = format!("\"{prefix}");
+                let mut rest = *line;
+                while let Some(start) = rest.find(&quoted) {
+                    let after = &rest[start + 1..];
+                    let end = after.find('"').unwrap_or(after.len());
+                    names.insert(after[..end].to_owned());
+                    rest = &after[end..];
+                }
+            }
+        }
+    }
+    names
+}
+
 #[cfg(test)]
 mod tests {
     use super::{eventually, eventually_ok, no_harness, without_user_info};

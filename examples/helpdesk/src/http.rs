@@ -223,15 +223,15 @@ pub(crate) const GATEWAY_METRICS: &[cqrs_core::MetricDescription] = {
     &[
         M::gauge(
             "cqrs_component_status",
-            "Health of each component, by component, status (starting, healthy, degraded, unhealthy, stopped) and critical (true, false): 1 for its status now, 0 for the others; updated when /ready or /metrics is asked.",
+            "Health of each component, by component, status (starting, healthy, degraded, unhealthy, stopped) and critical (true, false): 1 for its status now, 0 for the others; as the last finished check found it.",
         ),
         M::counter(
             "http_requests_total",
-            "HTTP requests answered, by method, route (the matched path, not the URL) and status.",
+            "HTTP requests answered, by method (other for an unusual one), route (the matched route's template, such as /tickets/{id}, or unmatched) and status.",
         ),
         M::histogram(
             "http_request_duration_seconds",
-            "How long HTTP requests took to answer, in seconds, by method and route.",
+            "How long HTTP requests took until their answer's head, in seconds, by method and route.",
         ),
         M::counter(
             "http_accept_errors_total",
@@ -1042,8 +1042,8 @@ mod tests {
     #[test]
     fn every_gateway_metric_is_described() {
         let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-        let mut recorded = cqrs_core::__metric_catalog::recorded_names(&src, "http_");
-        recorded.extend(cqrs_core::__metric_catalog::recorded_names(&src, "cqrs_"));
+        let mut recorded = cqrs_core::testing::metric_names_recorded_in(&src, "http_");
+        recorded.extend(cqrs_core::testing::metric_names_recorded_in(&src, "cqrs_"));
         // A series of the core's own, which the core describes (`metered.rs`).
         recorded.retain(|name| !cqrs_core::METRICS.iter().any(|m| m.name == name));
         let described: std::collections::BTreeSet<String> = super::GATEWAY_METRICS
