@@ -142,7 +142,7 @@ pub const METRICS: &[MetricDescription] = &[
 /// `cqrs_redis`, `cqrs_realtime`).
 ///
 /// ```
-/// // After installing the recorder (`metrics::set_global_recorder`):
+/// // After installing the recorder (the `metrics` crate's `set_global_recorder`):
 /// cqrs_core::describe_metrics();
 /// ```
 pub fn describe_metrics() {

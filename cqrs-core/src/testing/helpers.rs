@@ -206,7 +206,9 @@ pub fn long() -> bool {
 /// whose default the test set; a line logged on another thread goes to that one's.
 ///
 /// ```rust,standalone_crate
-/// use cqrs_core::reexports::tracing::{self, Event, Metadata, Subscriber, span};
+/// use cqrs_core::reexports::tracing::level_filters::LevelFilter;
+/// use cqrs_core::reexports::tracing::subscriber::set_default;
+/// use cqrs_core::reexports::tracing::{Event, Metadata, Subscriber, span, warn};
 /// use std::sync::Arc;
 /// use std::sync::atomic::{AtomicUsize, Ordering};
 ///
@@ -224,15 +226,14 @@ pub fn long() -> bool {
 /// }
 ///
 /// fn log() {
-///     tracing::warn!("a line other tests reach too");
+///     warn!("a line other tests reach too");
 /// }
 ///
 /// cqrs_core::testing::scoped_subscribers_see_every_callsite();
 /// // It wants no level: registered alone, it leaves every level off.
-/// use tracing::level_filters::LevelFilter;
 /// assert_eq!(LevelFilter::current(), LevelFilter::OFF);
 /// let seen = Arc::new(AtomicUsize::new(0));
-/// let _guard = tracing::subscriber::set_default(Counter(seen.clone()));
+/// let _guard = set_default(Counter(seen.clone()));
 /// // Another test's thread, with no subscriber, reaches the line first...
 /// std::thread::spawn(log).join().unwrap();
 /// // ...and the line this test logs is seen all the same.
