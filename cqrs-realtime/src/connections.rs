@@ -58,12 +58,6 @@ pub(crate) enum NotListed {
     Unknown,
 }
 
-impl Default for Connections {
-    fn default() -> Self {
-        Self::new(Duration::from_secs(20))
-    }
-}
-
 impl Connections {
     /// Remembering each revocation `remember_for`.
     pub(crate) fn new(remember_for: Duration) -> Self {
@@ -308,7 +302,7 @@ mod tests {
     /// The keepalive ends when the hub stops, not at its next tick a ping interval later.
     #[tokio::test(start_paused = true)]
     async fn the_keepalive_ends_when_the_hub_stops() {
-        let connections = Arc::new(Connections::default());
+        let connections = Arc::new(Connections::new(Duration::from_secs(20)));
         let (trigger, stopped) = Shutdown::new();
         let task = tokio::spawn(keepalive(
             Arc::downgrade(&connections),

@@ -331,6 +331,32 @@ pub fn metric_names_recorded_in(
     names
 }
 
+/// Asserts that `listed` (a crate's catalogue, its `METRICS`) names each metric the sources
+/// below `src` record under one of `prefixes` ([`metric_names_recorded_in`]) once, and no
+/// other; names `described_elsewhere` lists (another crate's series this one records too,
+/// described there) are left out.
+///
+/// ```
+/// let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+/// cqrs_core::testing::assert_metrics_listed(&src, &["cqrs_"], cqrs_core::METRICS, &[]);
+/// ```
+pub fn assert_metrics_listed(
+    src: &std::path::Path,
+    prefixes: &[&str],
+    listed: &[crate::MetricDescription],
+    described_elsewhere: &[crate::MetricDescription],
+) {
+    let mut recorded = std::collections::BTreeSet::new();
+    for prefix in prefixes {
+        recorded.extend(metric_names_recorded_in(src, prefix));
+    }
+    recorded.retain(|name| !described_elsewhere.iter().any(|m| m.name == name));
+    let names: std::collections::BTreeSet<String> =
+        listed.iter().map(|m| m.name.to_owned()).collect();
+    assert_eq!(names.len(), listed.len(), "a name listed twice: {listed:?}");
+    assert_eq!(recorded, names, "recorded (left) and listed (right) differ");
+}
+
 #[cfg(test)]
 mod tests {
     use super::{eventually, eventually_ok, no_harness, without_user_info};

@@ -94,8 +94,8 @@ pub use given::{
 #[doc(hidden)]
 pub use helpers::__no_harness;
 pub use helpers::{
-    eventually, eventually_ok, long, metric_names_recorded_in, require_services,
-    scoped_subscribers_see_every_callsite, test_id, with_timeout,
+    assert_metrics_listed, eventually, eventually_ok, long, metric_names_recorded_in,
+    require_services, scoped_subscribers_see_every_callsite, test_id, with_timeout,
 };
 pub use metric_counts::{MetricCounts, Scoped};
 
